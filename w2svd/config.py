@@ -1,0 +1,394 @@
+"""One typed config tree for every stage, loaded from YAML with dotted overrides.
+
+    cfg = load_config("debug", ["method.alpha_weak=0.5", "optim.steps=20"])
+
+A named config is a YAML file in ``w2svd/configs`` (or any path); it may name a ``base``
+config whose values it overrides. Every key is checked against the dataclasses below, so a
+misspelt key or a value outside its allowed set fails before any work starts, with a
+``ValueError`` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# PEFT regex over the dual/single-stream attention projections of HunyuanVideo; a plain
+# ["to_q", ...] list would also hit the text token refiner.
+HUNYUAN_LORA_TARGETS = (
+    r".*transformer_blocks\.\d+\.attn\."
+    r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+)
+
+
+@dataclass
+class TransformerArch:
+    """Sizes of diffusers' HunyuanVideoTransformer3DModel, used when building random weights."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    num_layers: int = 20
+    num_single_layers: int = 40
+    num_refiner_layers: int = 2
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    patch_size_t: int = 1
+    text_embed_dim: int = 4096
+    pooled_projection_dim: int = 768
+    rope_axes_dim: list[int] = field(default_factory=lambda: [16, 56, 56])
+    guidance_embeds: bool = True
+    image_condition_type: str | None = None
+
+
+@dataclass
+class VAEArch:
+    latent_channels: int = 16
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.476986
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["hunyuan-t2v", "hunyuan-i2v"] = "hunyuan-t2v"
+    # A diffusers folder (or a finetune export) holding the teacher transformer, local or s3://.
+    # None builds random weights from ``arch`` (tiny configs only).
+    teacher: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    text_encoder_2: str | None = None
+    arch: TransformerArch = field(default_factory=TransformerArch)
+    vae_arch: VAEArch = field(default_factory=VAEArch)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    text_max_length: int = 256
+    seed: int = 0
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["w2svd", "dmd2", "lcm", "euler"] = "w2svd"
+    student_steps: int = 4
+    alpha_weak: float = 0.25
+    alpha_strong: float = 1.0
+    # "full": the generator is a trainable copy of the teacher; "lora": an adapter on the shared base.
+    generator: Literal["full", "lora"] = "full"
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    generator_lora_rank: int = 64
+    lora_targets: str = HUNYUAN_LORA_TARGETS
+    gen_update_every: int = 5
+    sigma_min: float = 0.02
+    sigma_max: float = 0.98
+    shift: float = 7.0
+    # Guidance given to the real score: "embedded" (HunyuanVideo T2V), "cfg", or "none".
+    guidance: Literal["embedded", "cfg", "none"] = "embedded"
+    guidance_scale: float = 6.0
+    # Guidance scale of the fake score and of the generator; 1.0 is "no guidance".
+    fake_guidance_scale: float = 1.0
+    lambda_dmd: float = 1.0
+    lambda_reg: float = 0.0
+    lambda_gan_gen: float = 5e-3
+    lambda_gan_disc: float = 1e-2
+    backward_simulation: bool = False
+    sampler: Literal["renoise", "euler"] = "renoise"
+    generator_ema: float = 0.0
+    # LCM: the teacher grid that consistency pairs are drawn from, and the target EMA.
+    lcm_teacher_steps: int = 28
+    lcm_target_ema: float = 0.95
+    # Teacher Euler sampling steps (the reference and the naive few-step baselines).
+    teacher_steps: int = 28
+
+
+@dataclass
+class BucketConfig:
+    name: str
+    frames: int
+    height: int
+    width: int
+
+
+@dataclass
+class DataConfig:
+    fps: float = 24.0
+    buckets: list[BucketConfig] = field(
+        default_factory=lambda: [
+            BucketConfig("portrait-540", 129, 960, 544),
+            BucketConfig("landscape-540", 129, 544, 960),
+        ]
+    )
+    caption_file: str = "captions.jsonl"
+    min_frames: int = 9
+    min_side: int = 64
+    max_bytes: int = 2_000_000_000
+    max_seconds: float = 600.0
+    shuffle_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 1
+    generator_lr: float = 2e-6
+    critic_lr: float = 2e-5
+    disc_lr: float = 2e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    sample_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class HealthConfig:
+    enabled: bool = True
+    # Consecutive checks out of band before a rollback.
+    patience: int = 3
+    max_rollbacks: int = 2
+    lr_decay_on_rollback: float = 0.5
+    # Band on the generator's sample standard deviation, relative to the data's.
+    sample_std_band: list[float] = field(default_factory=lambda: [0.2, 5.0])
+
+
+@dataclass
+class ParallelConfig:
+    num_workers: int = 8
+    use_gpu: bool = True
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 3
+    precision: Literal["fp32", "bf16"] = "bf16"
+    max_failures: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None
+    experiment: str = "w2svd"
+    registered_model: str = "w2svd-generator"
+    system_metrics: bool = True
+
+
+@dataclass
+class ServeConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    num_replicas: int = 1
+    model_uri: str = "models:/w2svd-generator@champion"
+    max_frames: int = 129
+    max_side: int = 960
+    max_batch_size: int = 4
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_named(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown config {name_or_path!r}: not a file and not one of {available_configs()}"
+        )
+    if str(path) in seen:
+        raise ValueError(f"config {name_or_path!r} inherits from itself via {list(seen)}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_named(base, seen + (str(path),)), raw)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["method.alpha_weak=0.5"]`` → nested dict update; values are parsed as YAML scalars."""
+    raw = _deep_merge({}, raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, _, text = item.partition("=")
+        keys = dotted.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(name_or_path: str = "debug", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw = apply_overrides(_read_named(name_or_path), list(overrides))
+    raw.setdefault("name", Path(name_or_path).stem)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(cls: type, raw: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, naming the dotted key of anything wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = path or "the top level"
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(fields)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path} = {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in this file, not user input
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → values, for experiment trackers' flat parameter lists."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: the rules that span keys or bound numbers.
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: Config) -> None:
+    m, o, a, p = cfg.method, cfg.optim, cfg.model.arch, cfg.parallel
+    _check(m.student_steps in (1, 2, 4, 8), f"method.student_steps = {m.student_steps}; choose one of [1, 2, 4, 8]")
+    _check(0.0 <= m.alpha_weak <= 1.0, f"method.alpha_weak = {m.alpha_weak} must lie in [0, 1]")
+    _check(0.0 < m.alpha_strong, f"method.alpha_strong = {m.alpha_strong} must be positive")
+    _check(m.alpha_weak <= m.alpha_strong, "method.alpha_weak must not exceed method.alpha_strong")
+    _check(
+        0.0 <= m.sigma_min < m.sigma_max <= 1.0,
+        f"method.sigma_min/sigma_max = {m.sigma_min}/{m.sigma_max} must satisfy 0 <= min < max <= 1",
+    )
+    _check(m.shift > 0, f"method.shift = {m.shift} must be positive")
+    _check(m.gen_update_every >= 1, "method.gen_update_every must be >= 1")
+    for key in ("lora_rank", "generator_lora_rank", "teacher_steps", "lcm_teacher_steps"):
+        _check(getattr(m, key) >= 1, f"method.{key} must be >= 1")
+    for key in ("lambda_dmd", "lambda_reg", "lambda_gan_gen", "lambda_gan_disc"):
+        _check(getattr(m, key) >= 0, f"method.{key} must be >= 0")
+    _check(0.0 <= m.generator_ema < 1.0, "method.generator_ema must lie in [0, 1)")
+    _check(0.0 <= m.lcm_target_ema < 1.0, "method.lcm_target_ema must lie in [0, 1)")
+    if m.name == "dmd2" and m.generator == "lora":
+        raise ValueError("method.generator = 'lora' needs method.name = 'w2svd' (vanilla DMD2 keeps full copies)")
+    if cfg.model.family == "hunyuan-i2v" and m.guidance == "embedded":
+        raise ValueError(
+            "method.guidance = 'embedded' is not available for model.family = 'hunyuan-i2v' "
+            "(HunyuanVideo-I2V has no guidance embedding); choose 'cfg' or 'none'"
+        )
+    _check(o.steps >= 1 and o.batch_size >= 1, "optim.steps and optim.batch_size must be >= 1")
+    for key in ("generator_lr", "critic_lr", "disc_lr"):
+        _check(getattr(o, key) > 0, f"optim.{key} must be positive")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    _check(o.checkpoint_every >= 1 and o.log_every >= 1, "optim.checkpoint_every and log_every must be >= 1")
+    _check(sum(a.rope_axes_dim) == a.attention_head_dim,
+           f"model.arch.rope_axes_dim {a.rope_axes_dim} must sum to attention_head_dim {a.attention_head_dim}")
+    _check(p.num_workers >= 1, "parallel.num_workers must be >= 1")
+    _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage}; choose one of [0, 1, 2, 3]")
+    for b in cfg.data.buckets:
+        _check((b.frames - 1) % 4 == 0, f"data.buckets[{b.name}].frames = {b.frames} must be 4k+1 (VAE constraint)")
+        _check(b.height % 16 == 0 and b.width % 16 == 0,
+               f"data.buckets[{b.name}] size {b.height}x{b.width} must be multiples of 16")
+    _check(len({b.name for b in cfg.data.buckets}) == len(cfg.data.buckets), "data.buckets names must be unique")
