@@ -216,3 +216,40 @@ def test_13b_builds_on_meta_without_allocating():
     assert i2v.transformer.x_embedder.proj.weight.shape[1] == 33
     assert i2v.image_conditioned and not i2v.guidance_embedded
     assert i2v.latent_channels == 16
+
+
+@torch.no_grad()
+def test_build_from_s3_prefix_via_endpoint(tmp_path, monkeypatch, t2v):
+    """An s3:// teacher is copied into the cache through AWS_ENDPOINT_URL, then loads identically."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        export = save_backbone(t2v, tmp_path / "export" / "transformer")
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="teachers")
+        for path in export.iterdir():
+            s3.upload_file(str(path), "teachers", f"hv/transformer/{path.name}")
+
+        cache = tmp_path / "cache"
+        cfg = dataclasses.replace(t2v_cfg(), teacher="s3://teachers/hv")
+        loaded = build_backbone(cfg, cache_dir=cache)
+        assert (cache / "s3" / "teachers" / "hv" / "transformer" / "config.json").is_file()
+        x, s, cond = inputs()
+        torch.testing.assert_close(loaded(x, s, cond), t2v(x, s, cond), rtol=0, atol=0)
+
+        with pytest.raises(FileNotFoundError, match="s3://teachers/missing"):
+            build_backbone(dataclasses.replace(cfg, teacher="s3://teachers/missing"), cache_dir=cache)
+    finally:
+        server.stop()

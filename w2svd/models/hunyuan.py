@@ -237,7 +237,7 @@ def _fetch_s3(uri: str, cache_dir: str | os.PathLike | None, config_only: bool) 
     fs = fsspec.filesystem("s3", **({"endpoint_url": endpoint} if endpoint else {}))
     prefix = uri[len("s3://"):].rstrip("/")
     base = Path(cache_dir or os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd")
-    local_root = base / "teachers" / prefix
+    local_root = base / "s3" / prefix  # prefix starts with the bucket
 
     try:
         remote_files = fs.find(prefix, detail=True)
