@@ -55,6 +55,17 @@ class Cond:
             image=self.image,
         )
 
+    def drop(self, drop_B: torch.Tensor) -> Cond:
+        """Replace the samples where ``drop_B`` is true by the unconditional input."""
+        null = self.null()
+
+        def pick(kept, dropped):
+            if kept is None or kept is dropped:
+                return kept
+            return torch.where(drop_B.reshape(-1, *([1] * (kept.dim() - 1))).to(kept.device), dropped, kept)
+
+        return Cond(**{f.name: pick(getattr(self, f.name), getattr(null, f.name)) for f in dataclasses.fields(self)})
+
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         out = {}

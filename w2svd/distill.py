@@ -1,0 +1,136 @@
+"""One critic step and one generator step of W2SVD / DMD2 (DESIGN §2), given the roles.
+
+No optimizer and no I/O here: each step computes its losses, calls ``backward(loss)`` (plain
+``loss.backward`` or a DeepSpeed engine's) inside the scope of the role it trains, and returns
+plain floats for logging. The caller zeroes gradients, clips and steps its optimizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from w2svd.losses import dmd_loss, flow_matching_loss, gan_discriminator_loss
+from w2svd.models.base import Cond
+from w2svd.roles import Roles
+from w2svd.sampling import sample
+from w2svd.schedule import add_noise, sample_uniform_sigmas, student_sigmas
+
+Backward = Callable[[torch.Tensor], None]
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The numbers of DESIGN §2 that the two steps read (a view of ``MethodConfig``)."""
+
+    student_steps: int = 4
+    shift: float = 1.0
+    sigma_min: float = 0.02
+    sigma_max: float = 0.98
+    lambda_dmd: float = 1.0
+    lambda_reg: float = 0.0
+    lambda_gan_gen: float = 5e-3
+    lambda_gan_disc: float = 1e-2
+    backward_simulation: bool = False
+    sampler: str = "renoise"
+
+    @classmethod
+    def from_config(cls, m) -> StepSettings:
+        return cls(m.student_steps, m.shift, m.sigma_min, m.sigma_max, m.lambda_dmd, m.lambda_reg,
+                   m.lambda_gan_gen, m.lambda_gan_disc, m.backward_simulation, m.sampler)
+
+    def generator_sigmas(self) -> torch.Tensor:
+        return student_sigmas(self.student_steps, self.shift)
+
+
+@torch.no_grad()
+def generator_input(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's input ``x_in`` at a student sigma ``s_g`` (per sample).
+
+    Noised ground truth ``(1 − s_g)·x_gt + s_g·eps``; with backward simulation (multi-step only),
+    the current generator's own sampler state at ``s_g``, started from pure noise.
+    """
+    sigmas = st.generator_sigmas().to(x_gt.device)
+    batch = x_gt.shape[0]
+    eps = torch.randn(x_gt.shape, generator=generator, device=x_gt.device, dtype=x_gt.dtype)
+    if st.backward_simulation and len(sigmas) > 1:
+        k = int(torch.randint(len(sigmas), (1,), generator=generator))
+        velocity = lambda x, s: roles.generator_velocity(x, s, cond)  # noqa: E731
+        x_in = sample(velocity, eps, sigmas, st.sampler, generator, stop_at=k)
+        return x_in, sigmas[k].expand(batch).clone()
+    s_g = sigmas[torch.randint(len(sigmas), (batch,), generator=generator)].to(x_gt.device)
+    return add_noise(x_gt, eps, s_g), s_g
+
+
+def _renoise(x: torch.Tensor, st: StepSettings, generator: torch.Generator | None):
+    s = sample_uniform_sigmas(x.shape[0], st.sigma_min, st.sigma_max, generator, x.device)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return s, eps, add_noise(x, eps, s)
+
+
+def critic_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
+                backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
+    """Train the fake score on fresh generator samples (and the head on real vs fake features).
+
+    ``L = mean((fake(x̂_s, s) − (eps − x̂))²) + λ_disc·[softplus(D(φ(x̂_s))) + softplus(−D(φ(x_gt,s)))]``
+    Gradients reach only the critic LoRA (or DMD2's fake copy) and ``D``.
+    """
+    with torch.no_grad():
+        x_in, s_g = generator_input(roles, x_gt, cond, st, generator)
+        x_hat = roles.generator_x0(x_in, s_g, cond)
+    s, eps, x_s = _renoise(x_hat, st, generator)
+    use_disc = roles.disc is not None and st.lambda_gan_disc > 0
+    with roles.fake.scope():
+        v_fake, features_fake = roles.fake_velocity_and_features(x_s, s, cond)
+        loss_fm = flow_matching_loss(v_fake, x_hat, eps)
+        loss = loss_fm
+        metrics = {"critic/flow_matching": loss_fm.item()}
+        if use_disc:
+            real_s = add_noise(x_gt, torch.randn(x_gt.shape, generator=generator, dtype=x_gt.dtype,
+                                                 device=x_gt.device), s)
+            _, features_real = roles.fake_velocity_and_features(real_s, s, cond)
+            logits_fake, logits_real = roles.disc(features_fake), roles.disc(features_real)
+            loss_disc = gan_discriminator_loss(logits_fake, logits_real)
+            loss = loss + st.lambda_gan_disc * loss_disc
+            metrics["critic/disc"] = loss_disc.item()
+            metrics["critic/disc_acc"] = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item()
+        backward(loss)
+    metrics["critic/loss"] = loss.item()
+    return metrics
+
+
+def generator_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
+                   backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
+    """Move the generator along the DMD gradient (+ reg, + GAN), into the generator only.
+
+    x̂ = x_in − s_g·G(x_in, s_g, c);  x_s = renoise(x̂, s ~ U[s_min, s_max])
+    L = λ_dmd·DMD(x̂; x0_fake, x0_real) + λ_reg·DMD(x̂; x0_fake, x_gt) + λ_gan·softplus(−D(φ(x_s)))
+    """
+    x_in, s_g = generator_input(roles, x_gt, cond, st, generator)
+    with roles.generator.scope():
+        x_hat = roles.generator_x0(x_in, s_g, cond)
+        s, _, x_s = _renoise(x_hat, st, generator)
+        with torch.no_grad():
+            x0_real = roles.real_x0(x_s, s, cond)
+            x0_fake = roles.fake_x0(x_s, s, cond)
+        loss_dmd = dmd_loss(x_hat, x0_fake, x0_real)
+        loss = st.lambda_dmd * loss_dmd
+        metrics = {"gen/dmd": loss_dmd.item(),
+                   "gen/sample_std": x_hat.detach().float().std().item()}
+        if st.lambda_reg > 0:
+            loss_reg = dmd_loss(x_hat, x0_fake, x_gt)
+            loss = loss + st.lambda_reg * loss_reg
+            metrics["gen/reg"] = loss_reg.item()
+        if roles.disc is not None and st.lambda_gan_gen > 0:
+            gan_value, grad_x_s = roles.gan_generator_grad(x_s, s, cond)
+            loss = loss + st.lambda_gan_gen * (grad_x_s * x_s).sum()
+            metrics["gen/gan"] = gan_value.item()
+        backward(loss)
+    return metrics
