@@ -1,0 +1,182 @@
+"""The latent shard contract (DESIGN §4): Parquet rows of one clip each, tensors as raw bytes.
+
+Tensors are stored as their raw little-endian bytes plus shape and dtype, so any dtype (bf16
+included, which numpy lacks) round-trips exactly, and a batch of same-shaped rows decodes with
+one ``frombuffer`` over the joined bytes instead of one per row.
+
+Output layout of a pre-encode run::
+
+    OUT/shards/shard-<hash>.parquet     encoded clips (SHARD_SCHEMA)
+    OUT/quarantine/part-<hash>.jsonl    rejected inputs of the same batch
+    OUT/_manifest.json                  shards, done clip ids, quarantined inputs
+    OUT/_quarantine.jsonl               every quarantined input: source_uri, reason, detail
+    OUT/_summary.json                   total, encoded, quarantined, by_reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+SHARDS_DIR = "shards"
+QUARANTINE_DIR = "quarantine"
+MANIFEST = "_manifest.json"
+QUARANTINE_FILE = "_quarantine.jsonl"
+SUMMARY = "_summary.json"
+
+# Why an input was not encoded. Keys are the ``reason`` values; values say what they mean.
+QUARANTINE_REASONS = {
+    "zero_bytes": "the file is empty",
+    "missing_caption": "no caption for the clip (captions file has no entry, or it is empty)",
+    "missing_file": "the captions file names a video that is not there",
+    "over_size_limit": "larger than data.max_bytes or longer than data.max_seconds",
+    "not_a_video": "not a video container, or a container without a video stream",
+    "unreadable": "a video container that does not parse or decode",
+    "truncated": "the stream ends before the frames its header promises",
+    "too_short": "fewer frames than the shortest bucket needs",
+    "too_small": "a side shorter than data.min_side",
+    "bad_reference": "the reference image named in the captions does not decode",
+}
+
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+_list_int = pa.list_(pa.int64())
+SHARD_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("source_uri", pa.string()),
+    ("caption", pa.string()),
+    ("bucket", pa.string()),
+    ("frames", pa.int32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("latent", pa.binary()),
+    ("latent_shape", _list_int),
+    ("latent_dtype", pa.string()),
+    ("text", pa.binary()),
+    ("text_shape", _list_int),
+    ("text_mask", pa.binary()),
+    ("pooled", pa.binary()),
+    ("pooled_shape", _list_int),
+    ("image_latent", pa.binary()),
+    ("image_latent_shape", _list_int),
+    ("vae_id", pa.string()),
+    ("text_encoder_id", pa.string()),
+    ("content_hash", pa.string()),
+    ("factors", pa.string()),
+])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_to_bytes(t: torch.Tensor) -> tuple[bytes, list[int], str]:
+    t = t.detach().cpu().contiguous()
+    name = dtype_name(t.dtype)
+    if name not in _TORCH_DTYPES:
+        raise ValueError(f"cannot store dtype {name}; supported: {sorted(_TORCH_DTYPES)}")
+    return t.view(-1).view(torch.uint8).numpy().tobytes(), list(t.shape), name
+
+
+def tensor_from_bytes(data: bytes, shape, dtype: str) -> torch.Tensor:
+    return bytes_to_batch([data], shape, dtype)[0]
+
+
+def bytes_to_batch(chunks, shape, dtype: str) -> torch.Tensor:
+    """Rows of raw bytes with one shared ``shape`` → ``[B, *shape]`` with a single decode."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"unknown tensor dtype {dtype!r}; supported: {sorted(_TORCH_DTYPES)}")
+    torch_dtype = _TORCH_DTYPES[dtype]
+    shape = [int(s) for s in shape]
+    joined = bytearray(b"".join(chunks))
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    expected = len(chunks) * int(np.prod(shape)) * itemsize
+    if len(joined) != expected:
+        raise ValueError(f"{len(chunks)} rows of {dtype}{shape} need {expected} bytes, got {len(joined)}")
+    flat = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+    return flat.view(torch_dtype).reshape(len(chunks), *shape)
+
+
+def content_hash(video_bytes: bytes, caption: str, reference_bytes: bytes | None = None) -> str:
+    h = hashlib.sha256(video_bytes)
+    h.update(b"\0caption\0" + caption.encode())
+    if reference_bytes:
+        h.update(b"\0reference\0" + reference_bytes)
+    return h.hexdigest()
+
+
+def batch_name(clip_ids) -> str:
+    """A shard's name from the clips it holds: a retried write overwrites, never duplicates."""
+    return hashlib.sha1("\n".join(sorted(clip_ids)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LatentBatch:
+    """Training-side view of a batch of shard rows (one bucket, so shapes agree)."""
+
+    clip_ids: list[str]
+    bucket: str
+    latents: torch.Tensor  # [B, C, T, H, W]
+    text: torch.Tensor  # [B, L, D]
+    text_mask: torch.Tensor  # [B, L]
+    pooled: torch.Tensor  # [B, P]
+    image: torch.Tensor | None  # [B, C, 1, h, w] reference-frame latent, or None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _column(batch, name):
+    value = batch[name]
+    return value.to_pylist() if hasattr(value, "to_pylist") else list(value)
+
+
+def collate_latent_batch(batch) -> LatentBatch:
+    """Columns of shard rows (dict of lists/arrays, a pyarrow Table, or pandas frame) → tensors.
+
+    All rows must come from one bucket (group by bucket first): the tensors are stacked.
+    """
+    if isinstance(batch, pa.Table):
+        batch = {name: batch.column(name) for name in batch.column_names}
+    elif hasattr(batch, "to_dict") and hasattr(batch, "columns"):
+        batch = {name: batch[name].tolist() for name in batch.columns}
+    buckets = sorted(set(_column(batch, "bucket")))
+    if len(buckets) != 1:
+        raise ValueError(f"a batch must hold one bucket to stack its tensors, got {buckets}")
+
+    def stacked(data_col: str, shape_col: str, dtype: str | None = None):
+        chunks, shapes = _column(batch, data_col), _column(batch, shape_col)
+        if any(c is None for c in chunks):
+            if all(c is None for c in chunks):
+                return None
+            raise ValueError(f"column {data_col} is missing in some rows of bucket {buckets[0]}")
+        shapes_set = {tuple(int(x) for x in s) for s in shapes}
+        if len(shapes_set) != 1:
+            raise ValueError(f"rows of bucket {buckets[0]} disagree on {shape_col}: {sorted(shapes_set)}")
+        return bytes_to_batch(chunks, shapes_set.pop(), dtype or _column(batch, "latent_dtype")[0])
+
+    latents = stacked("latent", "latent_shape")
+    text = stacked("text", "text_shape")
+    mask_shape = [list(s)[:1] for s in _column(batch, "text_shape")]
+    mask = bytes_to_batch(_column(batch, "text_mask"), mask_shape[0], "bool")
+    return LatentBatch(
+        clip_ids=[str(c) for c in _column(batch, "clip_id")],
+        bucket=buckets[0],
+        latents=latents,
+        text=text,
+        text_mask=mask,
+        pooled=stacked("pooled", "pooled_shape"),
+        image=stacked("image_latent", "image_latent_shape"),
+    )

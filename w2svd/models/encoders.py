@@ -1,0 +1,259 @@
+"""HunyuanVideo's frozen encoders: the 3D VAE and the two text encoders.
+
+HunyuanVideo conditions on a Llama-family encoder's hidden states (layer -3, behind a prompt
+template whose prefix is cropped away) and on CLIP's pooled text output. Real weights load from
+a local folder or a bucket folder (copied to a local cache first); with no path, tiny
+random-init models of the same classes are built from the config, seeded so that every process
+(every Ray actor, the benchmark's naive loop) gets identical weights and identical latents.
+
+Tokenizers cannot be downloaded here, so tiny models use ``ByteTokenizer`` (UTF-8 bytes as
+ids); real weights use the tokenizer saved beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from w2svd.config import Config
+from w2svd.data import storage
+
+# Llama layer whose hidden states HunyuanVideo uses (hidden_states[-(2 + 1)]).
+LLAMA_HIDDEN_LAYER = -3
+CLIP_MAX_LENGTH = 77
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("W2SVD_MODEL_CACHE", Path.home() / ".cache" / "w2svd" / "models"))
+
+
+def resolve_weights(uri: str, options: storage.StorageOptions | None = None) -> Path:
+    """A local folder with the weights at ``uri`` (a bucket folder is downloaded once)."""
+    return storage.copy_to_local(uri, _cache_dir(), options)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _arch_id(kind: str, seed: int, arch: dict) -> str:
+    digest = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:10]
+    return f"random-{kind}:seed{seed}:{digest}"
+
+
+class ByteTokenizer:
+    """Deterministic tokenizer for random-init text encoders: ``<bos> utf-8 bytes <eos> <pad>...``."""
+
+    pad_id, bos_id, eos_id = 0, 1, 258
+    vocab_size = 259  # pad, bos, 256 byte values, eos
+
+    def __call__(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if max_length < 2:
+            raise ValueError(f"max_length = {max_length} leaves no room for <bos> and <eos>")
+        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            body = [b + 2 for b in text.encode("utf-8")][: max_length - 2]
+            tokens = [self.bos_id, *body, self.eos_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, ids != self.pad_id
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+
+def build_vae(cfg: Config, options: storage.StorageOptions | None = None):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    dtype = _DTYPES[cfg.model.dtype]
+    if cfg.model.vae:
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(str(resolve_weights(cfg.model.vae, options)), torch_dtype=dtype)
+        vae_id = cfg.model.vae
+    else:
+        a = cfg.model.vae_arch
+        arch = dict(latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
+                    layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
+                    scaling_factor=a.scaling_factor)
+        with _seeded(cfg.model.seed):
+            vae = AutoencoderKLHunyuanVideo(**arch)
+        vae = vae if dtype == torch.float32 else vae.to(dtype)
+        vae_id = _arch_id("hunyuan-vae", cfg.model.seed, arch)
+    return vae.eval().requires_grad_(False), vae_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders
+
+
+def _tiny_text_encoders(cfg: Config):
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    d, p = cfg.model.arch.text_embed_dim, cfg.model.arch.pooled_projection_dim
+    tok = ByteTokenizer()
+    llama_cfg = dict(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=4,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max(64, cfg.model.text_max_length),
+                     pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    clip_cfg = dict(vocab_size=tok.vocab_size, hidden_size=p, intermediate_size=2 * p, projection_dim=p,
+                    num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
+                    pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    with _seeded(cfg.model.seed + 1):
+        llama = LlamaModel(LlamaConfig(**llama_cfg))
+    with _seeded(cfg.model.seed + 2):
+        clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+    ident = _arch_id("llama+clip", cfg.model.seed, {"llama": llama_cfg, "clip": clip_cfg})
+    return llama, tok, clip, tok, ident
+
+
+class TextEncoders:
+    """``encode(captions) -> (text_BLD, mask_BL, pooled_BP)`` as HunyuanVideo consumes them."""
+
+    def __init__(self, cfg: Config, options: storage.StorageOptions | None = None):
+        m = cfg.model
+        self.max_length = m.text_max_length
+        self.dtype = _DTYPES[m.dtype]
+        if (m.text_encoder is None) != (m.text_encoder_2 is None):
+            raise ValueError("set both model.text_encoder (Llama) and model.text_encoder_2 (CLIP), or neither")
+        if m.text_encoder is None:
+            self.llama, self.llama_tok, self.clip, self.clip_tok, self.encoder_id = _tiny_text_encoders(cfg)
+            self.template = None
+        else:
+            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+            from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
+
+            llama_dir, clip_dir = resolve_weights(m.text_encoder, options), resolve_weights(m.text_encoder_2, options)
+            self.llama = LlamaModel.from_pretrained(llama_dir, torch_dtype=self.dtype)
+            self.clip = CLIPTextModel.from_pretrained(clip_dir, torch_dtype=self.dtype)
+            self.llama_tok = AutoTokenizer.from_pretrained(_tokenizer_dir(llama_dir))
+            self.clip_tok = CLIPTokenizer.from_pretrained(_tokenizer_dir(clip_dir))
+            self.template = DEFAULT_PROMPT_TEMPLATE
+            self.encoder_id = f"{m.text_encoder}+{m.text_encoder_2}"
+        for model in (self.llama, self.clip):
+            model.to(self.dtype).eval().requires_grad_(False)
+        got_d, got_p = self.llama.config.hidden_size, self.clip.config.hidden_size
+        if (got_d, got_p) != (m.arch.text_embed_dim, m.arch.pooled_projection_dim):
+            raise ValueError(
+                f"text encoders give dims ({got_d}, {got_p}) but the transformer expects "
+                f"model.arch.text_embed_dim = {m.arch.text_embed_dim}, pooled_projection_dim = {m.arch.pooled_projection_dim}"
+            )
+
+    def to(self, device) -> TextEncoders:
+        self.llama.to(device)
+        self.clip.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llama.parameters()).device
+
+    def _tokenize(self, tok, texts: list[str], max_length: int):
+        if isinstance(tok, ByteTokenizer):
+            return tok(texts, max_length)
+        out = tok(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
+        return out.input_ids, out.attention_mask.bool()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not captions:
+            raise ValueError("encode_text needs at least one caption")
+        crop = 0
+        texts = list(captions)
+        if self.template is not None:
+            crop = self.template["crop_start"]
+            texts = [self.template["template"].format(c) for c in captions]
+        ids, mask = self._tokenize(self.llama_tok, texts, self.max_length + crop)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.llama(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        text_BLD = out.hidden_states[LLAMA_HIDDEN_LAYER][:, crop:]
+        mask_BL = mask[:, crop:]
+        clip_ids, _ = self._tokenize(self.clip_tok, list(captions), CLIP_MAX_LENGTH)
+        pooled_BP = self.clip(input_ids=clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        return text_BLD.to(self.dtype), mask_BL, pooled_BP.to(self.dtype)
+
+
+def _tokenizer_dir(model_dir: Path) -> Path:
+    # diffusers' HunyuanVideo layout keeps tokenizers in sibling folders (text_encoder → tokenizer).
+    sibling = model_dir.parent / model_dir.name.replace("text_encoder", "tokenizer")
+    return sibling if sibling != model_dir and sibling.is_dir() else model_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Both together, as the pre-encode stage and the sample decoders use them
+
+
+class LatentEncoder:
+    """The VAE and text encoders of one model family, on one device."""
+
+    def __init__(self, cfg: Config, options: storage.StorageOptions | None = None, device: str | None = None,
+                 text: bool = True):
+        self.vae, self.vae_id = build_vae(cfg, options)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.dtype = _DTYPES[cfg.model.dtype]
+        self.text = TextEncoders(cfg, options) if text else None
+        if cfg.data.vae_tiling:
+            self.vae.enable_tiling()
+        self.vae.enable_slicing()  # encode a batch one clip at a time: peak memory of one clip
+        self.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def to(self, device) -> LatentEncoder:
+        self.device = torch.device(device)
+        self.vae.to(self.device)
+        if self.text is not None:
+            self.text.to(self.device)
+        return self
+
+    @property
+    def text_encoder_id(self) -> str:
+        return self.text.encoder_id if self.text is not None else ""
+
+    @property
+    def spatial_ratio(self) -> int:
+        return int(self.vae.spatial_compression_ratio)
+
+    @property
+    def temporal_ratio(self) -> int:
+        return int(self.vae.temporal_compression_ratio)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.vae.config.latent_channels, (frames - 1) // self.temporal_ratio + 1,
+                height // self.spatial_ratio, width // self.spatial_ratio)
+
+    def encode_text(self, captions: list[str]):
+        if self.text is None:
+            raise RuntimeError("this LatentEncoder was built with text=False")
+        return self.text.encode(captions)
+
+    @torch.no_grad()
+    def encode_video(self, frames_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] ``[B, 3, T, H, W]`` → scaled latents ``[B, C, T', H/8, W/8]``.
+
+        Uses the posterior mode, so a clip always encodes to the same latent (reruns and the
+        resume path produce identical shards).
+        """
+        if frames_BCTHW.ndim != 5 or frames_BCTHW.shape[1] != 3:
+            raise ValueError(f"encode_video wants [B, 3, T, H, W], got {tuple(frames_BCTHW.shape)}")
+        _, _, t, h, w = frames_BCTHW.shape
+        if (t - 1) % self.temporal_ratio or h % self.spatial_ratio or w % self.spatial_ratio:
+            raise ValueError(f"frames {t} must be {self.temporal_ratio}k+1 and sizes {h}x{w} multiples of "
+                             f"{self.spatial_ratio} for the HunyuanVideo VAE")
+        x = frames_BCTHW.to(self.device, self.dtype)
+        return self.vae.encode(x).latent_dist.mode() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels in [-1, 1] ``[B, 3, T, H, W]``."""
+        z = latents_BCTHW.to(self.device, self.dtype) / self.scaling_factor
+        return self.vae.decode(z).sample.clamp(-1, 1)
+
+
+def decode_latents(cfg: Config, latents_BCTHW: torch.Tensor) -> torch.Tensor:
+    """One-off decode with the config's VAE (sample videos, tests)."""
+    return LatentEncoder(cfg, text=False).decode_latents(latents_BCTHW)
