@@ -162,6 +162,14 @@ class OptimConfig:
     log_every: int = 10
     sample_every: int = 200
     seed: int = 0
+    # Validation samples: how many, from which fixed noise seed (prompts: the first batch of the data).
+    sample_count: int = 2
+    sample_seed: int = 1234
+    # Fine-tune only: 0 trains every weight of the teacher, > 0 a LoRA of that rank (merged on export).
+    finetune_lora_rank: int = 0
+    finetune_lr: float = 1e-5
+    # Fine-tune only: the conditions dropped so the teacher also learns the unconditional score (CFG).
+    finetune_uncond_prob: float = 0.1
 
 
 @dataclass
@@ -173,6 +181,10 @@ class HealthConfig:
     lr_decay_on_rollback: float = 0.5
     # Band on the generator's sample standard deviation, relative to the data's.
     sample_std_band: list[float] = field(default_factory=lambda: [0.2, 5.0])
+    # Any loss above this (e.g. a diverging fake-score loss) counts as out of band.
+    loss_max: float = 1.0e4
+    # Test hook: make every loss NaN at this step (once; -1 = never).
+    inject_nan_at_step: int = -1
 
 
 @dataclass
@@ -183,6 +195,8 @@ class ParallelConfig:
     zero_stage: int = 3
     precision: Literal["fp32", "bf16"] = "bf16"
     max_failures: int = 3
+    # Test hook: rank 1 (or 0 with one worker) raises at this step of a fresh run (-1 = never).
+    fail_at_step: int = -1
 
 
 @dataclass
@@ -191,6 +205,8 @@ class TrackingConfig:
     experiment: str = "w2svd"
     registered_model: str = "w2svd-generator"
     system_metrics: bool = True
+    # Validation videos every optim.sample_every steps (mp4 artifacts samples/step_NNNNNN.mp4).
+    log_samples: bool = True
 
 
 @dataclass
@@ -395,6 +411,18 @@ def validate(cfg: Config) -> None:
         _check(getattr(o, key) > 0, f"optim.{key} must be positive")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
     _check(o.checkpoint_every >= 1 and o.log_every >= 1, "optim.checkpoint_every and log_every must be >= 1")
+    _check(o.sample_every >= 1 and o.sample_count >= 1, "optim.sample_every and optim.sample_count must be >= 1")
+    _check(o.finetune_lora_rank >= 0, "optim.finetune_lora_rank must be >= 0 (0 = full fine-tune)")
+    _check(o.finetune_lr > 0, "optim.finetune_lr must be positive")
+    _check(0.0 <= o.finetune_uncond_prob < 1.0, "optim.finetune_uncond_prob must lie in [0, 1)")
+    h = cfg.health
+    _check(h.patience >= 1 and h.max_rollbacks >= 0, "health.patience must be >= 1 and health.max_rollbacks >= 0")
+    _check(0.0 < h.lr_decay_on_rollback <= 1.0, "health.lr_decay_on_rollback must lie in (0, 1]")
+    _check(len(h.sample_std_band) == 2 and 0 <= h.sample_std_band[0] < h.sample_std_band[1],
+           "health.sample_std_band must be [low, high] with 0 <= low < high")
+    _check(h.loss_max > 0, "health.loss_max must be positive")
+    _check(p.max_failures >= 0, "parallel.max_failures must be >= 0")
+    _check(p.cpus_per_worker > 0, "parallel.cpus_per_worker must be positive")
     _check(sum(a.rope_axes_dim) == a.attention_head_dim,
            f"model.arch.rope_axes_dim {a.rope_axes_dim} must sum to attention_head_dim {a.attention_head_dim}")
     _check(p.num_workers >= 1, "parallel.num_workers must be >= 1")
