@@ -33,7 +33,7 @@ def to_float_BCTHW(clips_BTHWC: torch.Tensor, lo: float = -1.0, hi: float = 1.0)
     return lo + (hi - lo) * x / 255.0
 
 
-def gray_frames_THW(clip_THWC: torch.Tensor) -> np.ndarray:
-    """One uint8 clip → float32 luma frames ``[T, H, W]`` (ITU-R BT.601 weights, as OpenCV's RGB2GRAY)."""
-    x = clip_THWC.numpy().astype(np.float32)
+def gray_frames_THW(clip_THWC) -> np.ndarray:
+    """One uint8 clip (tensor or array) → float32 luma frames ``[T, H, W]`` (BT.601, as OpenCV's RGB2GRAY)."""
+    x = np.asarray(clip_THWC, dtype=np.float32)
     return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
