@@ -96,17 +96,22 @@ def tensor_from_bytes(data: bytes, shape, dtype: str) -> torch.Tensor:
 
 def bytes_to_batch(chunks, shape, dtype: str) -> torch.Tensor:
     """Rows of raw bytes with one shared ``shape`` → ``[B, *shape]`` with a single decode."""
+    chunks = list(chunks)
+    return joined_bytes_to_batch(b"".join(chunks), len(chunks), shape, dtype)
+
+
+def joined_bytes_to_batch(joined, rows: int, shape, dtype: str) -> torch.Tensor:
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"unknown tensor dtype {dtype!r}; supported: {sorted(_TORCH_DTYPES)}")
     torch_dtype = _TORCH_DTYPES[dtype]
     shape = [int(s) for s in shape]
-    joined = bytearray(b"".join(chunks))
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    expected = len(chunks) * int(np.prod(shape)) * itemsize
+    expected = rows * int(np.prod(shape)) * itemsize
     if len(joined) != expected:
-        raise ValueError(f"{len(chunks)} rows of {dtype}{shape} need {expected} bytes, got {len(joined)}")
-    flat = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
-    return flat.view(torch_dtype).reshape(len(chunks), *shape)
+        raise ValueError(f"{rows} rows of {dtype}{shape} need {expected} bytes, got {len(joined)}")
+    # One copy into memory torch owns (Arrow buffers are read-only).
+    flat = torch.from_numpy(np.frombuffer(joined, np.uint8).copy()) if expected else torch.empty(0, dtype=torch.uint8)
+    return flat.view(torch_dtype).reshape(rows, *shape)
 
 
 def content_hash(video_bytes: bytes, caption: str, reference_bytes: bytes | None = None) -> str:
@@ -138,6 +143,18 @@ class LatentBatch:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def _joined(batch, name) -> tuple[bytes | memoryview, int]:
+    """A binary column's rows as one buffer: zero-copy for Arrow columns without nulls."""
+    value = batch[name]
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        arr = value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
+        if arr.null_count == 0 and pa.types.is_binary(arr.type) and len(arr):
+            offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
+            return memoryview(arr.buffers()[2])[offsets[0]:offsets[-1]], len(arr)
+    chunks = list(value.to_pylist() if hasattr(value, "to_pylist") else value)
+    return b"".join(chunks), len(chunks)
+
+
 def _column(batch, name):
     value = batch[name]
     return value.to_pylist() if hasattr(value, "to_pylist") else list(value)
@@ -156,27 +173,32 @@ def collate_latent_batch(batch) -> LatentBatch:
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one bucket to stack its tensors, got {buckets}")
 
-    def stacked(data_col: str, shape_col: str, dtype: str | None = None):
-        chunks, shapes = _column(batch, data_col), _column(batch, shape_col)
-        if any(c is None for c in chunks):
-            if all(c is None for c in chunks):
+    dtypes = set(_column(batch, "latent_dtype"))
+    if len(dtypes) != 1:
+        raise ValueError(f"rows disagree on latent_dtype: {sorted(dtypes)}")
+    dtype = dtypes.pop()
+
+    def stacked(data_col: str, shapes: list, data_dtype: str):
+        if any(s is None for s in shapes):
+            if all(s is None for s in shapes):
                 return None
             raise ValueError(f"column {data_col} is missing in some rows of bucket {buckets[0]}")
         shapes_set = {tuple(int(x) for x in s) for s in shapes}
         if len(shapes_set) != 1:
-            raise ValueError(f"rows of bucket {buckets[0]} disagree on {shape_col}: {sorted(shapes_set)}")
-        return bytes_to_batch(chunks, shapes_set.pop(), dtype or _column(batch, "latent_dtype")[0])
+            raise ValueError(f"rows of bucket {buckets[0]} disagree on the shape of {data_col}: {sorted(shapes_set)}")
+        joined, rows = _joined(batch, data_col)
+        return joined_bytes_to_batch(joined, rows, shapes_set.pop(), data_dtype)
 
-    latents = stacked("latent", "latent_shape")
-    text = stacked("text", "text_shape")
-    mask_shape = [list(s)[:1] for s in _column(batch, "text_shape")]
-    mask = bytes_to_batch(_column(batch, "text_mask"), mask_shape[0], "bool")
+    text_shapes = _column(batch, "text_shape")
+    latents = stacked("latent", _column(batch, "latent_shape"), dtype)
+    text = stacked("text", text_shapes, dtype)
+    mask = stacked("text_mask", [list(s)[:1] for s in text_shapes], "bool")
     return LatentBatch(
         clip_ids=[str(c) for c in _column(batch, "clip_id")],
         bucket=buckets[0],
         latents=latents,
         text=text,
         text_mask=mask,
-        pooled=stacked("pooled", "pooled_shape"),
-        image=stacked("image_latent", "image_latent_shape"),
+        pooled=stacked("pooled", _column(batch, "pooled_shape"), dtype),
+        image=stacked("image_latent", _column(batch, "image_latent_shape"), dtype),
     )

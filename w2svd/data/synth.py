@@ -258,3 +258,42 @@ def detect_faces(frame_HWC: np.ndarray, detector=None) -> list[tuple[int, int, i
     gray = cv2.cvtColor(frame_HWC, cv2.COLOR_RGB2GRAY)
     boxes = detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=3, minSize=(24, 24))
     return [tuple(int(v) for v in b) for b in boxes]
+
+
+def clip_record(clip_id: str, factors: dict) -> dict:
+    """One line of ``captions.jsonl`` (paths relative to the dataset root)."""
+    return {
+        "clip_id": clip_id,
+        "video": f"clips/{clip_id}.mp4",
+        "caption": caption_for(factors),
+        "reference": f"refs/{clip_id}.png",
+        "factors": factors,
+    }
+
+
+def write_dataset(out_uri: str, num_clips: int, *, seed: int = 0, options=None, start: int = 0,
+                  progress=None, **factor_kwargs) -> list[dict]:
+    """Render ``num_clips`` clips to ``OUT/clips/<id>.mp4``, ``OUT/refs/<id>.png`` and
+    ``OUT/captions.jsonl``. Clip ``i`` depends only on ``(seed, i)``, so a larger set extends
+    a smaller one."""
+    import json
+
+    from w2svd.data import storage
+    from w2svd.data.video import encode_png, encode_video
+
+    if num_clips < 1:
+        raise ValueError(f"num_clips = {num_clips} must be >= 1")
+    records = []
+    for i in range(start, start + num_clips):
+        clip_id = f"clip-{i:05d}"
+        factors = sample_factors(np.random.default_rng([seed, i]), **factor_kwargs)
+        frames = render_clip(factors)
+        record = clip_record(clip_id, factors)
+        storage.write_bytes(storage.join(out_uri, record["video"]), encode_video(frames, factors["fps"]), options)
+        storage.write_bytes(storage.join(out_uri, record["reference"]), encode_png(frames[0]), options)
+        records.append(record)
+        if progress:
+            progress(len(records), num_clips)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    storage.write_bytes(storage.join(out_uri, "captions.jsonl"), lines.encode(), options)
+    return records

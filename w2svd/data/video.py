@@ -8,6 +8,8 @@ honest label instead of guessing from an exception's text later.
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -56,8 +58,17 @@ def encode_video(frames_THWC: np.ndarray, fps: float, *, crf: int = 18, codec: s
     _, height, width, _ = frames_THWC.shape
     if height % 2 or width % 2:
         raise ValueError(f"H.264 with yuv420p needs even sizes, got {height}x{width}")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4", options={"movflags": "faststart"}) as container:
+    # faststart re-reads the finished file to move the index first, which needs a real file.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        _encode_to(path, frames_THWC, fps, crf, codec)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _encode_to(path: str, frames_THWC: np.ndarray, fps: float, crf: int, codec: str) -> None:
+    _, height, width, _ = frames_THWC.shape
+    with av.open(path, mode="w", format="mp4", options={"movflags": "faststart"}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
@@ -66,7 +77,6 @@ def encode_video(frames_THWC: np.ndarray, fps: float, *, crf: int = 18, codec: s
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return buf.getvalue()
 
 
 def _open(data: bytes) -> av.container.InputContainer:
@@ -84,13 +94,16 @@ def _open(data: bytes) -> av.container.InputContainer:
         raise BadInput("not_a_video", f"no known video container ({text})") from None
 
 
-def _video_stream(container) -> av.VideoStream:
+def _video_stream(container, data: bytes) -> av.VideoStream:
     if container.format.name in _IMAGE_FORMATS or any(
         name in _IMAGE_FORMATS for name in container.format.name.split(",")
     ):
         raise BadInput("not_a_video", f"a still image ({container.format.name})")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        if not container.streams.audio and looks_like_video_container(data):
+            # A video container whose track list is gone or garbled: damaged, not another kind of file.
+            raise BadInput("unreadable", f"video container without usable tracks (has {', '.join(kinds)})")
         raise BadInput("not_a_video", f"no video stream (has {', '.join(kinds)})")
     return container.streams.video[0]
 
@@ -108,46 +121,66 @@ def _info(container, stream) -> VideoInfo:
 
 def probe_video(data: bytes) -> VideoInfo:
     with _open(data) as container:
-        return _info(container, _video_stream(container))
+        return _info(container, _video_stream(container, data))
 
 
-def decode_video(data: bytes, frame_indices: list[int] | None = None) -> tuple[np.ndarray, VideoInfo]:
+def decode_video(data: bytes, frame_indices: list[int] | None = None, *, check_complete: bool = True
+                 ) -> tuple[np.ndarray, VideoInfo]:
     """Video bytes → uint8 RGB ``[T, H, W, 3]`` (all frames, or those at ``frame_indices``).
 
-    Stops decoding after the last wanted frame. A stream that ends before the frames its header
-    promises, or breaks mid-way, is ``truncated``.
+    With ``check_complete`` the rest of the stream is decoded too (without converting frames),
+    so a file cut short or corrupted after the wanted frames is still caught: ``truncated``
+    when packets are missing, ``unreadable`` when they are all there but do not decode.
     """
     with _open(data) as container:
-        stream = _video_stream(container)
+        stream = _video_stream(container, data)
         info = _info(container, stream)
         stream.thread_type = "AUTO"
-        wanted = None if frame_indices is None else sorted(set(frame_indices))
-        last = None if wanted is None else wanted[-1]
+        wanted = None if frame_indices is None else set(frame_indices)
+        last = None if wanted is None else max(wanted)
         frames: dict[int, np.ndarray] = {}
         index = -1
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if wanted is None or index in wanted:
                     frames[index] = frame.to_ndarray(format="rgb24")
-                if last is not None and index >= last:
+                if not check_complete and last is not None and index >= last:
                     break
         except av.error.FFmpegError as err:
-            raise BadInput("truncated", f"decoding stopped after frame {index} ({err})") from None
+            raise _damage(data, info, f"decoding failed after frame {index} ({err})") from None
     decoded = index + 1
-    if info.num_frames and frame_indices is None and decoded < info.num_frames:
-        raise BadInput("truncated", f"header promises {info.num_frames} frames, only {decoded} decode")
+    if check_complete and info.num_frames and decoded < info.num_frames:
+        raise _damage(data, info, f"header promises {info.num_frames} frames, only {decoded} decode")
     if wanted is not None and len(frames) < len(wanted):
-        raise BadInput("truncated", f"wanted frame {last}, the stream ends after {decoded} frames")
+        raise _damage(data, info, f"wanted frame {last}, the stream ends after {decoded} frames")
     if not frames:
         raise BadInput("unreadable", "the video stream holds no decodable frame")
     order = frame_indices if frame_indices is not None else sorted(frames)
     return np.stack([frames[i] for i in order]), info
 
 
+def _demuxed_packets(data: bytes) -> int:
+    with av.open(io.BytesIO(data), mode="r") as container:
+        count = 0
+        try:
+            for packet in container.demux(container.streams.video[0]):
+                count += packet.size > 0
+        except av.error.FFmpegError:
+            pass
+        return count
+
+
+def _damage(data: bytes, info: VideoInfo, detail: str) -> BadInput:
+    packets = _demuxed_packets(data)
+    if info.num_frames and packets < info.num_frames:
+        return BadInput("truncated", f"{detail}; {packets} of {info.num_frames} packets present")
+    return BadInput("unreadable", f"{detail}; all packets present, the data is corrupt")
+
+
 def count_decodable_frames(data: bytes) -> int:
     """Frames that really decode, for files whose header does not state a count."""
     with _open(data) as container:
-        stream = _video_stream(container)
+        stream = _video_stream(container, data)
         n = 0
         try:
             for _ in container.decode(stream):

@@ -71,32 +71,43 @@ class ByteTokenizer:
 # VAE
 
 
+def _vae_arch(cfg: Config) -> dict:
+    a = cfg.model.vae_arch
+    return dict(latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
+                layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
+                scaling_factor=a.scaling_factor)
+
+
+def encoder_ids(cfg: Config) -> tuple[str, str]:
+    """(vae_id, text_encoder_id) that shards record, known without building the models."""
+    m = cfg.model
+    vae_id = m.vae or _arch_id("hunyuan-vae", m.seed, {**_vae_arch(cfg), "dtype": m.dtype})
+    if m.text_encoder:
+        text_id = f"{m.text_encoder}+{m.text_encoder_2}"
+    else:
+        llama_cfg, clip_cfg = _tiny_text_configs(cfg)
+        text_id = _arch_id("llama+clip", m.seed, {"llama": llama_cfg, "clip": clip_cfg, "dtype": m.dtype})
+    return vae_id, text_id
+
+
 def build_vae(cfg: Config, options: storage.StorageOptions | None = None):
     from diffusers import AutoencoderKLHunyuanVideo
 
     dtype = _DTYPES[cfg.model.dtype]
     if cfg.model.vae:
         vae = AutoencoderKLHunyuanVideo.from_pretrained(str(resolve_weights(cfg.model.vae, options)), torch_dtype=dtype)
-        vae_id = cfg.model.vae
     else:
-        a = cfg.model.vae_arch
-        arch = dict(latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
-                    layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
-                    scaling_factor=a.scaling_factor)
         with _seeded(cfg.model.seed):
-            vae = AutoencoderKLHunyuanVideo(**arch)
+            vae = AutoencoderKLHunyuanVideo(**_vae_arch(cfg))
         vae = vae if dtype == torch.float32 else vae.to(dtype)
-        vae_id = _arch_id("hunyuan-vae", cfg.model.seed, arch)
-    return vae.eval().requires_grad_(False), vae_id
+    return vae.eval().requires_grad_(False), encoder_ids(cfg)[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Text encoders
 
 
-def _tiny_text_encoders(cfg: Config):
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
+def _tiny_text_configs(cfg: Config) -> tuple[dict, dict]:
     d, p = cfg.model.arch.text_embed_dim, cfg.model.arch.pooled_projection_dim
     tok = ByteTokenizer()
     llama_cfg = dict(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=4,
@@ -105,12 +116,18 @@ def _tiny_text_encoders(cfg: Config):
     clip_cfg = dict(vocab_size=tok.vocab_size, hidden_size=p, intermediate_size=2 * p, projection_dim=p,
                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
                     pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return llama_cfg, clip_cfg
+
+
+def _tiny_text_encoders(cfg: Config):
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama_cfg, clip_cfg = _tiny_text_configs(cfg)
     with _seeded(cfg.model.seed + 1):
         llama = LlamaModel(LlamaConfig(**llama_cfg))
     with _seeded(cfg.model.seed + 2):
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
-    ident = _arch_id("llama+clip", cfg.model.seed, {"llama": llama_cfg, "clip": clip_cfg})
-    return llama, tok, clip, tok, ident
+    return llama, ByteTokenizer(), clip, ByteTokenizer(), encoder_ids(cfg)[1]
 
 
 class TextEncoders:
