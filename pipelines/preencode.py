@@ -43,14 +43,11 @@ from w2svd.data.buckets import (
 )
 from w2svd.data.video import BadInput, count_decodable_frames, decode_image, decode_video, probe_video
 
-# Test hook: stop the driver (as a kill would) once this many shards are recorded.
-FAULT_ENV = "W2SVD_PREENCODE_FAULT_AFTER_SHARDS"
+# Fault injection for resume tests: the driver dies abruptly (no cleanup, like SIGKILL) once
+# this many shards of the current run are recorded.
+KILL_ENV = "W2SVD_PREENCODE_KILL_AFTER_SHARDS"
 
 _IGNORED_DIRS = ("refs",)
-
-
-class InjectedFault(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +355,7 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
     pending = [r for r, why in early if not why]
 
     stage_s = Counter()
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     shards_this_run, encoded_now = 0, 0
     if pending:
         ds = build_dataset(pending, output_uri, cfg, options)
@@ -376,8 +373,10 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
             if time.perf_counter() - last_manifest > 5.0:
                 write_manifest(output_uri, read_output_state(output_uri, options), inputs, cfg, options, final=False)
                 last_manifest = time.perf_counter()
-            if fault_after and shards_this_run >= fault_after:
-                raise InjectedFault(f"{FAULT_ENV}={fault_after}: stopping after {shards_this_run} shards")
+            if kill_after and shards_this_run >= kill_after:
+                log(f"[preencode] {KILL_ENV}={kill_after}: killing the driver after {shards_this_run} shards")
+                sys.stdout.flush()
+                os._exit(137)
 
     wall_s = time.perf_counter() - wall_start
     state = read_output_state(output_uri, options)
