@@ -32,3 +32,12 @@ def face_clips():
         return torch.from_numpy(np.stack([draw_face_clip(seed=b, **kw) for b in range(B)]))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny: on a shared 2-core machine, intra-op threads only spin against other jobs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

