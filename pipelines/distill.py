@@ -1,0 +1,134 @@
+"""Distillation on Ray Train + DeepSpeed: W2SVD, vanilla DMD2 and LCM, chosen by ``method.name``.
+
+    w2svd distill --config debug --data LATENTS --run-dir RUN [method.name=dmd2 optim.steps=20 …]
+    python -m pipelines.distill …            # the same program
+
+The teacher comes from ``model.teacher`` (a finetune export or a diffusers folder, local or
+s3://; ``null`` in the debug config builds tiny random weights). ``method.name = euler`` has
+nothing to train: evaluate the teacher's N-step sampler instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+from pipelines.train_common import WorkerSession, check_zero3_sharing, make_engine, run
+from w2svd.baselines import ema_update, lcm_step
+from w2svd.config import Config
+from w2svd.distill import StepSettings, critic_step, generator_step
+from w2svd.export import sampler_settings_for, save_generator_export
+from w2svd.models.hunyuan import build_backbone
+from w2svd.roles import GENERATOR, View, build_roles_from_config
+from w2svd.sampling import sample_student
+
+
+def train_loop_per_worker(config: dict) -> None:
+    s = WorkerSession.start(config)
+    cfg, o = s.cfg, s.cfg.optim
+    teacher = build_backbone(cfg.model, device=s.device)
+    if cfg.method.name == "lcm":
+        return lcm_loop(s, teacher)
+
+    roles = build_roles_from_config(teacher, cfg.method).to(s.device)
+    shares_base = cfg.method.generator == "lora"
+    check_zero3_sharing(cfg, 2 if shares_base else 1)
+    disc = [] if roles.disc is None else [roles.disc]
+    disc_params = [p for d in disc for p in d.parameters()]
+    fake_params = [p for p in roles.critic_parameters() if all(p is not q for q in disc_params)]
+    critic = make_engine("critic", [roles.fake.backbone, *disc],
+                         [(fake_params, o.critic_lr), (disc_params, o.disc_lr)], cfg)
+    generator = make_engine("generator", [roles.generator.backbone],
+                            [(roles.generator_parameters(), o.generator_lr)], cfg)
+    trained = [critic, generator]
+    s.restore(trained)
+
+    st = StepSettings.from_config(cfg.method)
+    settings = sampler_settings_for(cfg)
+    fixed = s.sample_batch()
+
+    def validation_samples():
+        noise, gen = s.sample_noise(fixed.x)
+        velocity = lambda x, sigma: roles.generator_velocity(x, sigma, fixed.cond)  # noqa: E731
+        return sample_student(velocity, noise, settings.steps, settings.shift, settings.mode, gen)
+
+    batches = s.batches()
+    while s.step < s.total_steps:
+        s.maybe_fail()
+        batch = next(batches)
+        x = batch.x * s.poison()  # NaN only at health.inject_nan_at_step (the health test)
+        metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
+        with s.timed(metrics):
+            # Critic every step: fake score (LoRA or DMD2 copy) + discriminator head.
+            metrics |= critic_step(roles, x, batch.cond, st, backward=critic.backward, generator=s.rng)
+            if not s.healthy_before_update(metrics):
+                break
+            grad_norms["critic"] = critic.step()
+            # Generator every gen_update_every critic updates.
+            if (s.step + 1) % cfg.method.gen_update_every == 0:
+                metrics |= generator_step(roles, x, batch.cond, st, backward=generator.backward, generator=s.rng)
+                if not s.healthy_before_update(metrics):
+                    break
+                grad_norms["generator"] = generator.step()
+        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples):
+            break
+    else:
+        s.export(lambda folder: save_generator_export(roles.base if shares_base else roles.generator.backbone,
+                                                      folder, settings, cfg, adapter=GENERATOR if shares_base else None),
+                 [roles.generator.backbone])
+    s.finish(trained)
+
+
+def lcm_loop(s: WorkerSession, teacher) -> None:
+    """LCM baseline: a full student copy trained towards an EMA target through the teacher's grid."""
+    cfg, m = s.cfg, s.cfg.method
+    teacher.requires_grad_(False)
+    student = View(copy.deepcopy(teacher).requires_grad_(True))
+    target = View(copy.deepcopy(teacher))
+    teacher_view = View(teacher)
+    model = make_engine("student", [student.backbone], [(list(student.backbone.parameters()), s.cfg.optim.generator_lr)],
+                        cfg)
+    trained, extra = [model], {"lcm_target": target.backbone}
+    s.restore(trained, extra)
+
+    settings = sampler_settings_for(cfg)
+    fixed = s.sample_batch()
+
+    def validation_samples():
+        noise, gen = s.sample_noise(fixed.x)
+        return sample_student(lambda x, sigma: student(x, sigma, fixed.cond), noise, settings.steps,
+                              settings.shift, settings.mode, gen)
+
+    batches = s.batches()
+    while s.step < s.total_steps:
+        s.maybe_fail()
+        batch = next(batches)
+        x = batch.x * s.poison()
+        metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
+        with s.timed(metrics):
+            metrics |= lcm_step(student, target, teacher_view, x, batch.cond, teacher_steps=m.lcm_teacher_steps,
+                                shift=m.shift, guidance_mode=m.guidance, guidance_scale=m.guidance_scale,
+                                backward=model.backward, generator=s.rng)
+            if not s.healthy_before_update(metrics):
+                break
+            grad_norms["student"] = model.step()
+            ema_update(target.backbone, student.backbone, m.lcm_target_ema)
+        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples, extra=extra):
+            break
+    else:
+        s.export(lambda folder: save_generator_export(student.backbone, folder, settings, cfg), [student.backbone])
+    s.finish(trained)
+
+
+def check(cfg: Config) -> None:
+    if cfg.method.name == "euler":
+        raise SystemExit("w2svd distill: method.name = 'euler' is the teacher's N-step sampler and has nothing "
+                         "to train; evaluate the teacher with `w2svd evaluate` or pick w2svd, dmd2 or lcm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("distill", train_loop_per_worker, argv, __doc__.splitlines()[0], check=check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
