@@ -198,7 +198,13 @@ class Roles(nn.Module):
     # -- parameters --------------------------------------------------------------------------
     def critic_parameters(self) -> list[nn.Parameter]:
         """Trained by the critic step: the critic LoRA (or DMD2's fake copy) and the head."""
-        return self._critic_params + (list(self.disc.parameters()) if self.disc is not None else [])
+        return self.fake_score_parameters() + self.disc_parameters()
+
+    def fake_score_parameters(self) -> list[nn.Parameter]:
+        return list(self._critic_params)
+
+    def disc_parameters(self) -> list[nn.Parameter]:
+        return list(self.disc.parameters()) if self.disc is not None else []
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return self._generator_params
