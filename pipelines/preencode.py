@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -527,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"completed with {n} quarantined inputs" if n else "completed", flush=True)
         return result.exit_code
     except Exception as err:
+        traceback.print_exc()
         print(f"[preencode] run failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     finally:

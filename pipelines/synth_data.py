@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_numbers(int), default=synth.DEFAULT_LENGTHS, help="clip lengths to draw from")
     p.add_argument("--fps", type=_numbers(float), default=synth.DEFAULT_FPS, help="frame rates to draw from")
     p.add_argument("--landscape-fraction", type=float, default=0.3)
+    p.add_argument("--codec", choices=["mpeg4", "libx264"], default=None,
+                   help="video codec (default mpeg4: byte-reproducible; libx264 output varies run to run)")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     return p
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     synth.write_dataset(args.out, args.clips, seed=args.seed, options=options, progress=progress,
                         portrait_sizes=args.portrait_size, landscape_sizes=args.landscape_size,
-                        lengths=args.frames, fps_choices=args.fps, landscape_fraction=args.landscape_fraction)
+                        codec=args.codec, lengths=args.frames, fps_choices=args.fps, landscape_fraction=args.landscape_fraction)
     print(f"[synth-data] wrote {args.clips} clips and captions.jsonl to {args.out} "
           f"in {time.perf_counter() - start:.1f}s", flush=True)
     return 0

@@ -115,6 +115,8 @@ def test_write_dataset_layout_and_contract(tmp_path):
         assert decode_image((tmp_path / r["reference"]).read_bytes()).shape == (f["height"], f["width"], 3)
     again = synth.write_dataset(str(tmp_path / "again"), 3, seed=7, lengths=(9, 13), fps_choices=(8.0, 12.0))
     assert [r["factors"] for r in again] == [r["factors"] for r in lines]
+    for r in lines:  # seeded means byte-identical files, so local and s3:// copies hash alike
+        assert (tmp_path / "again" / r["video"]).read_bytes() == (tmp_path / r["video"]).read_bytes()
 
 
 # --- video bytes and why they fail -------------------------------------------------------------

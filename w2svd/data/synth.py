@@ -272,14 +272,16 @@ def clip_record(clip_id: str, factors: dict) -> dict:
 
 
 def write_dataset(out_uri: str, num_clips: int, *, seed: int = 0, options=None, start: int = 0,
-                  progress=None, **factor_kwargs) -> list[dict]:
+                  progress=None, codec: str | None = None, **factor_kwargs) -> list[dict]:
     """Render ``num_clips`` clips to ``OUT/clips/<id>.mp4``, ``OUT/refs/<id>.png`` and
     ``OUT/captions.jsonl``. Clip ``i`` depends only on ``(seed, i)``, so a larger set extends
-    a smaller one."""
+    a smaller one, and with the default codec the files are byte-identical on every run."""
     import json
 
     from w2svd.data import storage
-    from w2svd.data.video import encode_png, encode_video
+    from w2svd.data.video import REPRODUCIBLE_CODEC, encode_png, encode_video
+
+    codec = codec or REPRODUCIBLE_CODEC
 
     if num_clips < 1:
         raise ValueError(f"num_clips = {num_clips} must be >= 1")
@@ -289,7 +291,7 @@ def write_dataset(out_uri: str, num_clips: int, *, seed: int = 0, options=None, 
         factors = sample_factors(np.random.default_rng([seed, i]), **factor_kwargs)
         frames = render_clip(factors)
         record = clip_record(clip_id, factors)
-        storage.write_bytes(storage.join(out_uri, record["video"]), encode_video(frames, factors["fps"]), options)
+        storage.write_bytes(storage.join(out_uri, record["video"]), encode_video(frames, factors["fps"], codec=codec), options)
         storage.write_bytes(storage.join(out_uri, record["reference"]), encode_png(frames[0]), options)
         records.append(record)
         if progress:
