@@ -1,0 +1,363 @@
+"""Evaluation job: the fixed evaluation set through a generator, metrics merged into one report.
+
+    w2svd evaluate --model models:/w2svd-generator@champion --out report.json
+    w2svd evaluate --model runs/distill-1/export --config debug --out report.json
+    w2svd evaluate --teacher debug --steps 28 --out teacher28.json      # the reference row
+
+Ray Data, two actor pools: ``GenerateClips`` actors hold the generator(s) and turn prompt rows
+into uint8 clips; ``ComputeMetrics`` actors hold the domain encoder and turn clips into
+mergeable partial results (Fréchet feature statistics, per-clip VBench-style and face scores).
+The driver merges them with the reference side. Several models can go through one Dataset
+(promotion evaluates challenger and champion together, on the same items and noise).
+
+A registered version (``models:/NAME/VERSION`` or ``@ALIAS``) also gets the numbers as metrics on
+its run and as ``eval.*`` tags on the version, with the evaluation set's fingerprint in
+``eval.set``, so promotion can reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from w2svd.config import Config, EvalConfig, load_config
+from w2svd.evalset import EvalSet, build_evalset, domain_training_clips, reference_clips
+
+FVD_KEY = "fvd/domain"
+FACE_KEY = "face_detection_rate"
+VBENCH_DIMS = ("dynamic_degree", "temporal_flickering", "motion_smoothness", "subject_consistency",
+               "background_consistency", "aesthetic_quality", "imaging_quality")
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain encoder
+
+
+def ensure_domain_encoder(cfg: EvalConfig, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(path_or_uri, sha256)`` of the domain encoder: the configured file, or one trained here on
+    synthetic clips (deterministic for given settings, cached, reused by later evaluations)."""
+    from w2svd.metrics import DomainVideoEncoder, train_domain_encoder
+    from w2svd.metrics.weights import read_bytes
+
+    if cfg.domain_encoder:
+        DomainVideoEncoder.from_path(cfg.domain_encoder)  # fails early, naming the missing file
+        return cfg.domain_encoder, hashlib.sha256(read_bytes(cfg.domain_encoder)).hexdigest()
+    recipe = {"clips": cfg.domain_train_clips, "steps": cfg.domain_train_steps, "features": cfg.domain_num_features,
+              "factor_seed": cfg.factor_seed, "size": [cfg.num_frames, cfg.height, cfg.width, cfg.fps]}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd")
+    path = root / "domain-encoders" / f"domain-{key}.safetensors"
+    if not path.is_file():
+        clips, factors = domain_training_clips(cfg)
+        encoder, _ = train_domain_encoder(clips, factors, steps=cfg.domain_train_steps, batch_size=8,
+                                          num_features=cfg.domain_num_features, width=8, size=32, frames=8)
+        tmp = path.with_suffix(".partial")
+        encoder.save(tmp)
+        tmp.replace(path)  # a half-written file is never taken for a trained encoder
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sources (plain dicts: they travel to the actors)
+
+
+def model_source(uri: str, tracking_uri: str | None = None) -> dict:
+    return {"kind": "model", "uri": uri, "tracking_uri": tracking_uri}
+
+
+def teacher_source(teacher: str, steps: int, config: str, overrides: list[str] | tuple = ()) -> dict:
+    return {"kind": "teacher", "teacher": teacher, "steps": int(steps), "config": config,
+            "overrides": list(overrides)}
+
+
+def load_source(source: dict, device: str | None = None):
+    from pipelines.registry import load_registered_generator, load_teacher_bundle
+
+    if source["kind"] == "teacher":
+        return load_teacher_bundle(source["teacher"], source["steps"], source["config"], source["overrides"],
+                                   device=device)
+    return load_registered_generator(source["uri"], source.get("tracking_uri"), device=device)
+
+
+def describe_source(source: dict) -> str:
+    if source["kind"] == "teacher":
+        return f"teacher {source['teacher']} (Euler, {source['steps']} steps)"
+    return source["uri"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages
+
+
+class GenerateClips:
+    """Actor: prompt rows → uint8 clips, with the shared few-step sampler of each model."""
+
+    def __init__(self, sources: dict[str, dict], threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.sources = sources
+        self.bundles = {}
+
+    def _bundle(self, label: str):
+        if label not in self.bundles:
+            self.bundles[label] = load_source(self.sources[label])
+        return self.bundles[label]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = [str(x) for x in batch["label"]]
+        clips: list[np.ndarray | None] = [None] * len(labels)
+        for label in dict.fromkeys(labels):
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            first = idx[0]
+            size = (int(batch["num_frames"][first]), int(batch["height"][first]), int(batch["width"][first]))
+            out = self._bundle(label).generate([str(batch["prompt"][i]) for i in idx],
+                                               [int(batch["seed"][i]) for i in idx], *size)
+            for i, clip in zip(idx, out.numpy(), strict=True):
+                clips[i] = clip
+        return {"label": np.array(labels, dtype=object), "index": batch["index"], "clip": np.stack(clips)}
+
+
+def clip_scores(clip_THWC: np.ndarray, fps: float) -> dict[str, float]:
+    """Per-clip values whose mean over clips is the set's value (every metric here is one)."""
+    from w2svd.metrics import face_detection_rate, vbench_report
+
+    report = vbench_report(clip_THWC[None], fps=fps, dimensions=list(VBENCH_DIMS))
+    scores = {name: float(entry["value"]) for name, entry in report.items()}
+    scores[FACE_KEY] = float(face_detection_rate(clip_THWC[None]))
+    return scores
+
+
+class ComputeMetrics:
+    """Actor: clips → partial metrics (fake-side Fréchet statistics + per-clip scores), mergeable."""
+
+    def __init__(self, encoder_path: str, fps: float, threads: int = 1):
+        from w2svd.metrics import DomainVideoEncoder
+
+        torch.set_num_threads(max(1, threads))
+        self.encoder = DomainVideoEncoder.from_path(encoder_path)
+        self.fps = fps
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from w2svd.metrics import FrechetDistance
+
+        labels = [str(x) for x in batch["label"]]
+        out = {"label": [], "state": [], "scores": []}
+        for label in dict.fromkeys(labels):
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            clips = torch.from_numpy(np.stack([batch["clip"][i] for i in idx]))
+            fd = FrechetDistance(self.encoder)
+            fd.update(clips, real=False)
+            buf = io.BytesIO()
+            torch.save(fd.state(), buf)
+            scores = {int(batch["index"][i]): clip_scores(np.asarray(batch["clip"][i]), self.fps) for i in idx}
+            out["label"].append(label)
+            out["state"].append(buf.getvalue())
+            out["scores"].append(json.dumps(scores))
+        return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+
+
+def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[str, dict]:
+    """Evaluate every model of ``sources`` (label → source dict) on the config's evaluation set;
+    returns label → report. Starts a local Ray unless one is running (or ``RAY_ADDRESS`` is set)."""
+    import ray
+
+    from w2svd.metrics import DomainVideoEncoder, FrechetDistance
+
+    start = time.time()
+    e = cfg.eval
+    encoder_path, encoder_sha = ensure_domain_encoder(e)
+    evalset = build_evalset(e).with_domain_encoder(encoder_sha)
+    init_ray()
+    rows = [{"label": label, "index": it.index, "prompt": it.prompt, "seed": it.seed, "num_frames": it.num_frames,
+             "height": it.height, "width": it.width} for label in sources for it in evalset.items]
+    threads = max(1, int(e.actor_num_cpus))
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(GenerateClips, fn_constructor_kwargs={"sources": sources, "threads": threads},
+                        batch_size=e.batch_size, batch_format="numpy", num_cpus=e.actor_num_cpus,
+                        num_gpus=e.actor_num_gpus, compute=ray.data.ActorPoolStrategy(size=e.generator_actors))
+    ds = ds.map_batches(ComputeMetrics,
+                        fn_constructor_kwargs={"encoder_path": encoder_path, "fps": e.fps, "threads": threads},
+                        batch_size=e.batch_size, batch_format="numpy", num_cpus=e.actor_num_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=e.metric_actors))
+    partials = ds.take_all()
+
+    encoder = DomainVideoEncoder.from_path(encoder_path)
+    reference = reference_clips(evalset)
+    real = FrechetDistance(encoder)
+    real.update(reference, real=True)
+    reports = {}
+    for label, source in sources.items():
+        fd = FrechetDistance(encoder)
+        fd.merge(real)
+        per_item: dict[int, dict] = {}
+        for part in (p for p in partials if p["label"] == label):
+            fd.merge(torch.load(io.BytesIO(part["state"]), weights_only=True))
+            per_item.update({int(k): v for k, v in json.loads(part["scores"]).items()})
+        if len(per_item) != len(evalset):
+            raise RuntimeError(f"evaluation of {label} returned {len(per_item)} of {len(evalset)} clips")
+        metrics = {FVD_KEY: fd.compute()}
+        for name in per_item[0]:
+            metrics[name] = float(np.mean([per_item[i][name] for i in sorted(per_item)]))
+        reports[label] = build_report(source, evalset, e, encoder_path, encoder_sha, metrics, per_item,
+                                      time.time() - start)
+        log(f"[evaluate] {describe_source(source)}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return reports
+
+
+def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: str, encoder_sha: str,
+                 metrics: dict, per_item: dict, seconds: float) -> dict:
+    from w2svd.metrics.vbench import DIMENSIONS
+
+    backends = {name: DIMENSIONS[name].backend for name in VBENCH_DIMS}
+    backends[FVD_KEY] = f"domain-encoder sha256:{encoder_sha[:16]}"
+    backends[FACE_KEY] = "opencv-haar"
+    return {
+        "model": {**source, "description": describe_source(source)},
+        "evalset": {"fingerprint": evalset.fingerprint(), "num_prompts": len(evalset), "num_frames": e.num_frames,
+                    "height": e.height, "width": e.width, "fps": e.fps, "seed": e.seed, "factor_seed": e.factor_seed,
+                    "domain_encoder": encoder_path, "domain_encoder_sha256": encoder_sha},
+        "metrics": metrics,
+        "backends": backends,
+        "per_item": [{"index": i, "prompt": evalset.items[i].prompt, "seed": evalset.items[i].seed, **per_item[i]}
+                     for i in sorted(per_item)],
+        "seconds": round(seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording on a registered version
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str, str] | None:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` → (name, "version"|"alias", value)."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, "alias", alias
+    name, _, version = rest.rpartition("/")
+    return (name, "version", version) if name and version.isdigit() else None
+
+
+def resolve_version(client, uri: str):
+    """The ``ModelVersion`` a ``models:/`` URI names, with a clear error for a missing alias/version."""
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_registry_uri(uri)
+    if parsed is None:
+        return None
+    name, kind, value = parsed
+    try:
+        if kind == "alias":
+            return client.get_model_version_by_alias(name, value)
+        return client.get_model_version(name, value)
+    except MlflowException as err:
+        raise ValueError(f"model {uri!r}: {err.message}") from None
+
+
+def metric_tags(metrics: dict) -> dict[str, str]:
+    return {f"eval.{k}": repr(float(v)) for k, v in metrics.items()}
+
+
+def record_on_version(client, version, report: dict) -> None:
+    """Metrics on the version's run, the report as a run artifact, ``eval.*`` tags on the version."""
+    fingerprint = report["evalset"]["fingerprint"]
+    metrics = {k: float(v) for k, v in report["metrics"].items() if math.isfinite(float(v))}
+    if version.run_id:
+        ts = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        client.log_batch(version.run_id, metrics=[Metric(f"eval/{k}", v, ts, 0) for k, v in metrics.items()])
+        client.log_dict(version.run_id, report, f"eval/{fingerprint}-v{version.version}.json")
+    for key, value in {**metric_tags(report["metrics"]), "eval.set": fingerprint}.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+
+
+def cached_metrics(version, fingerprint: str, needed: list[str]) -> dict | None:
+    """The version's recorded metrics if they came from this evaluation set and cover ``needed``."""
+    tags = version.tags or {}
+    if tags.get("eval.set") != fingerprint:
+        return None
+    metrics = {k[len("eval."):]: float(v) for k, v in tags.items() if k.startswith("eval.") and k != "eval.set"}
+    return metrics if all(n in metrics for n in needed) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="w2svd evaluate", description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/…, an export folder "
+                                      "or a training run dir")
+    what.add_argument("--teacher", help="teacher folder/export or config name, sampled with Euler at --steps")
+    p.add_argument("--steps", type=int, help="teacher Euler steps (with --teacher; default method.teacher_steps)")
+    p.add_argument("--config", default="debug", help="named config or YAML path: the evaluation set and gates")
+    p.add_argument("--out", required=True, help="JSON report path")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--no-record", action="store_true", help="do not write metrics/tags to the registry")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.num_prompts=4")
+    args = p.parse_args(argv)
+    if args.steps is not None and not args.teacher:
+        p.error("--steps goes with --teacher")
+    cfg = load_config(args.config, args.overrides)
+    if args.teacher:
+        source = teacher_source(args.teacher, args.steps or cfg.method.teacher_steps, args.config, args.overrides)
+    else:
+        source = model_source(args.model, args.tracking_uri)
+
+    version, client = None, None
+    if args.model and args.model.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.registry import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri, cfg)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            version = resolve_version(client, args.model)
+        except ValueError as err:
+            print(f"w2svd evaluate: {err}", file=sys.stderr)
+            return 2
+        # Pin the version, so an alias moving during the job cannot mix two models' numbers.
+        source = model_source(f"models:/{version.name}/{version.version}", uri)
+    try:
+        report = evaluate_sources({"model": source}, cfg)["model"]
+    except (ValueError, FileNotFoundError) as err:
+        print(f"w2svd evaluate: {err}", file=sys.stderr)
+        return 2
+    if version is not None:
+        report["model"]["registered"] = {"name": version.name, "version": version.version}
+        if not args.no_record:
+            record_on_version(client, version, report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"[evaluate] report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
