@@ -221,6 +221,61 @@ class ServeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The fixed evaluation set (synthetic portrait prompts, references and seeds) and how the
+    evaluation job runs. Changing any evaluation-set field changes the set's fingerprint, and
+    numbers are only compared between evaluations of the same fingerprint."""
+
+    num_prompts: int = 16
+    # Item i uses noise seed ``seed + i`` and the synthetic factors of rng([factor_seed, i]).
+    seed: int = 1000
+    factor_seed: int = 2024
+    num_frames: int = 33
+    height: int = 128
+    width: int = 96
+    fps: float = 8.0
+    # A DomainVideoEncoder .safetensors (path or s3://) for domain FVD; None trains a small one
+    # on synthetic clips (deterministic, cached under $W2SVD_CACHE_DIR or ~/.cache/w2svd).
+    domain_encoder: str | None = None
+    domain_train_clips: int = 32
+    domain_train_steps: int = 150
+    domain_num_features: int = 16
+    # Ray Data: generator actors (each holds one model), metric actors, clips per batch.
+    generator_actors: int = 1
+    metric_actors: int = 1
+    batch_size: int = 4
+    actor_num_cpus: float = 1.0
+    actor_num_gpus: float = 0.0
+
+
+@dataclass
+class GateConfig:
+    """One promotion gate on one metric of the evaluation report.
+
+    ``max_regression``: relative to the champion, the challenger may be worse by at most this
+    fraction of the champion's value (skipped when there is no champion). ``min``/``max``:
+    absolute bounds, checked always (they are what a first version must pass)."""
+
+    metric: str
+    better: Literal["lower", "higher"]
+    max_regression: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class PromotionConfig:
+    gates: list[GateConfig] = field(
+        default_factory=lambda: [
+            GateConfig("fvd/domain", "lower", max_regression=0.10),
+            GateConfig("dynamic_degree", "higher", min=0.3),
+            GateConfig("temporal_flickering", "higher", max_regression=0.02, min=0.9),
+            GateConfig("face_detection_rate", "higher", max_regression=0.05, min=0.5),
+        ]
+    )
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -231,6 +286,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,3 +495,20 @@ def validate(cfg: Config) -> None:
     _check(d.fps > 0 and d.max_seconds > 0, "data.fps and data.max_seconds must be positive")
     _check(d.encoder_num_gpus >= 0 and d.encoder_num_cpus >= 0 and d.decode_num_cpus > 0,
            "data.encoder_num_gpus/encoder_num_cpus must be >= 0 and data.decode_num_cpus > 0")
+    e = cfg.eval
+    _check(e.num_prompts >= 2, f"eval.num_prompts = {e.num_prompts} must be >= 2 (a Fréchet distance needs two samples)")
+    _check((e.num_frames - 1) % 4 == 0, f"eval.num_frames = {e.num_frames} must be 4k+1 (VAE constraint)")
+    _check(e.height % 16 == 0 and e.width % 16 == 0, f"eval size {e.height}x{e.width} must be multiples of 16")
+    _check(e.fps > 0, "eval.fps must be positive")
+    for key in ("domain_train_clips", "domain_train_steps", "domain_num_features", "generator_actors",
+                "metric_actors", "batch_size"):
+        _check(getattr(e, key) >= 1, f"eval.{key} must be >= 1")
+    _check(e.actor_num_cpus >= 0 and e.actor_num_gpus >= 0, "eval.actor_num_cpus/actor_num_gpus must be >= 0")
+    for i, g in enumerate(cfg.promotion.gates):
+        where = f"promotion.gates[{i}] ({g.metric})"
+        _check(g.max_regression is not None or g.min is not None or g.max is not None,
+               f"{where} checks nothing: set max_regression, min or max")
+        _check(g.max_regression is None or g.max_regression >= 0, f"{where}: max_regression must be >= 0")
+        _check(g.min is None or g.max is None or g.min <= g.max, f"{where}: min must not exceed max")
+    _check(len({g.metric for g in cfg.promotion.gates}) == len(cfg.promotion.gates),
+           "promotion.gates: one gate per metric")
