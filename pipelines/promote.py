@@ -22,10 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from pipelines.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, register_export, resolve_tracking_uri
 from w2svd.config import Config, load_config
 from w2svd.gates import Decision, decide
-
-from pipelines.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, register_export, resolve_tracking_uri
 
 HISTORY_TAG = "champion_history"
 EXIT_REJECTED = 3
@@ -87,8 +86,13 @@ def evaluate_versions(client, versions: dict, cfg: Config, tracking_uri: str, re
                       log=print) -> dict[str, dict]:
     """label → metrics for label → ModelVersion, evaluating (together) only those whose recorded
     numbers are missing or come from another evaluation set."""
-    from pipelines.evaluate import (ensure_domain_encoder, evaluate_sources, model_source, cached_metrics,
-                                    record_on_version)
+    from pipelines.evaluate import (
+        cached_metrics,
+        ensure_domain_encoder,
+        evaluate_sources,
+        model_source,
+        record_on_version,
+    )
     from w2svd.evalset import build_evalset
 
     _, encoder_sha = ensure_domain_encoder(cfg.eval)
