@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -44,8 +45,9 @@ from w2svd.data.buckets import (
 )
 from w2svd.data.video import BadInput, count_decodable_frames, decode_image, decode_video, probe_video
 
-# Fault injection for resume tests: the driver dies abruptly (no cleanup, like SIGKILL) once
-# this many shards of the current run are recorded.
+# Fault injection for resume tests (single machine): the shard writer SIGKILLs the driver once
+# the output holds this many shards, so the kill lands mid-stream however far the executor has
+# run ahead of the driver.
 KILL_ENV = "W2SVD_PREENCODE_KILL_AFTER_SHARDS"
 
 _IGNORED_DIRS = ("refs",)
@@ -303,7 +305,8 @@ class EncodeClips:
 # Stage 3 (tasks): one shard (and one quarantine part) per batch, written whole.
 
 
-def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOptions) -> pa.Table:
+def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOptions,
+                kill_driver: tuple[int, int] | None = None) -> pa.Table:
     start = time.perf_counter()
     rows = batch.to_pylist()
     encoded = [r for r in rows if r["status"] == "ok"]
@@ -318,6 +321,12 @@ def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOpt
                                  f"shard-{shards.batch_name([r['source_uri'] for r in encoded])}.parquet")
         storage.write_bytes(shard_uri, sink.getvalue(), options)
     write_quarantine_part(output_uri, rejected, options)
+    if kill_driver:
+        driver_pid, after = kill_driver
+        written = [f for f in storage.list_files(storage.join(output_uri, shards.SHARDS_DIR), options)
+                   if f.uri.endswith(".parquet")]
+        if len(written) >= after:
+            os.kill(driver_pid, signal.SIGKILL)
     return pa.Table.from_pylist([{
         "shard": shard_uri,
         "encoded": json.dumps([r["source_uri"] for r in encoded]),
@@ -356,7 +365,6 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
     pending = [r for r, why in early if not why]
 
     stage_s = Counter()
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     shards_this_run, encoded_now = 0, 0
     if pending:
         ds = build_dataset(pending, output_uri, cfg, options)
@@ -369,15 +377,11 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
             shards_this_run += bool(result["shard"])
             finished = encoded_now + len(rejected_now)
             rate = finished / max(1e-9, time.perf_counter() - wall_start)
-            log(f"[preencode] {finished}/{len(todo)} processed this run ({encoded_now} encoded, "
+            log(f"[preencode] {finished}/{len(todo)} processed this run ({encoded_now} encoded in {shards_this_run} shards, "
                 f"{len(rejected_now)} quarantined), {rate:.2f} clips/s")
             if time.perf_counter() - last_manifest > 5.0:
                 write_manifest(output_uri, read_output_state(output_uri, options), inputs, cfg, options, final=False)
                 last_manifest = time.perf_counter()
-            if kill_after and shards_this_run >= kill_after:
-                log(f"[preencode] {KILL_ENV}={kill_after}: killing the driver after {shards_this_run} shards")
-                sys.stdout.flush()
-                os._exit(137)
 
     wall_s = time.perf_counter() - wall_start
     state = read_output_state(output_uri, options)
@@ -403,7 +407,10 @@ def build_dataset(pending: list[dict], output_uri: str, cfg: Config, options) ->
         num_cpus=d.encoder_num_cpus,
         num_gpus=d.encoder_num_gpus if use_gpu else 0,
     )
-    return ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options},
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    kill_driver = (os.getpid(), kill_after) if kill_after else None
+    return ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options,
+                                                  "kill_driver": kill_driver},
                           batch_size=d.shard_rows, batch_format="pyarrow", num_cpus=0.25)
 
 
@@ -514,8 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             # Stages hold fractional CPUs; on a 2-core box more logical CPUs than cores keeps the
             # decode tasks and the encoder actors from starving each other.
-            num_cpus = args.num_cpus or (None if os.environ.get("RAY_ADDRESS") else max(4, os.cpu_count() or 1))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+            else:
+                ray.init(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False)
             started_ray = True
         result = run(args.input, args.output, cfg)
         summary = result.summary

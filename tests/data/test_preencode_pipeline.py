@@ -163,9 +163,12 @@ def test_broken_inputs_are_quarantined_with_distinct_reasons(ray_local, tmp_path
 
 
 def _preencode_subprocess(raw, out, env_extra):
-    env = {**os.environ, **env_extra, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipelines.preencode", "--input", str(raw), "--output", str(out), "--num-cpus", "4",
+    import ray
+
+    # A separate driver process on the session's Ray: when it dies, Ray kills its tasks and
+    # actors, as it would for a killed job on a cluster.
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "pipelines.preencode", "--input", str(raw), "--output", str(out),
            "data.shard_rows=1", "data.encode_batch_size=1"]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -173,8 +176,7 @@ def _preencode_subprocess(raw, out, env_extra):
 def test_kill_and_rerun_resumes_without_duplicates(ray_local, local_clips, clean_local_run, tmp_path):
     out = tmp_path / "out"
     killed = _preencode_subprocess(local_clips, out, {preencode.KILL_ENV: "2"})
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    assert "killing the driver after 2 shards" in killed.stdout
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no cleanup ran
     partial = _rows(str(out))
     assert 2 <= len(partial) < 5, "the kill must land partway"
     assert not (out / shards.SUMMARY).exists()
