@@ -90,7 +90,8 @@ def resize_and_crop(frames_THWC: np.ndarray, height: int, width: int) -> np.ndar
 
 def to_model_input(frames_THWC: np.ndarray) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` → float ``[3, T, H, W]`` in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    # astype copies, so read-only buffers (frames straight from Arrow bytes) are fine.
+    return torch.from_numpy(frames_THWC.astype(np.float32)).permute(3, 0, 1, 2).div_(127.5).sub_(1.0)
 
 
 def from_model_output(video_CTHW: torch.Tensor) -> np.ndarray:
