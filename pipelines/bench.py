@@ -49,10 +49,32 @@ def toy_main(argv: list[str]) -> int:
         parser.error(str(err))
     result = run_toy(settings)
     write_results(result, args.out)
+    plot_curves(result["curves"], args.out / "curves.png")
     print()
     print(format_table(result["rows"]))
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'curves.json'} ({result['seconds']:.0f} s)")
+    print(f"\nwrote results.json, curves.json and curves.png in {args.out} ({result['seconds']:.0f} s)")
     return 0
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Fréchet distance against generator updates, one panel per student step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({int(name.rsplit("-", 1)[1].removesuffix("step")) for name in curves})
+    fig, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 4), squeeze=False)
+    for ax, n in zip(axes[0], steps):
+        for name, curve in curves.items():
+            if name.endswith(f"-{n}step"):
+                ax.plot([p["gen_updates"] for p in curve], [p["fd"] for p in curve], label=name.rsplit("-", 1)[0])
+        ax.set(title=f"{n}-step students", xlabel="generator updates (LCM: student updates / 5)",
+               ylabel="Fréchet distance to the true distribution", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 BENCHMARKS = {"toy": toy_main}
