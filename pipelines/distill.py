@@ -41,13 +41,14 @@ def train_loop_per_worker(config: dict) -> None:
     generator = make_engine("generator", [roles.generator.backbone],
                             [(roles.generator_parameters(), o.generator_lr)], cfg)
     trained = [critic, generator]
+    s.count_memory(roles)
     s.restore(trained)
 
     st = StepSettings.from_config(cfg.method)
     settings = sampler_settings_for(cfg)
-    fixed = s.sample_batch()
 
     def validation_samples():
+        fixed = s.fixed_samples()
         noise, gen = s.sample_noise(fixed.x)
         velocity = lambda x, sigma: roles.generator_velocity(x, sigma, fixed.cond)  # noqa: E731
         return sample_student(velocity, noise, settings.steps, settings.shift, settings.mode, gen)
@@ -89,12 +90,13 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
     model = make_engine("student", [student.backbone], [(list(student.backbone.parameters()), s.cfg.optim.generator_lr)],
                         cfg)
     trained, extra = [model], {"lcm_target": target.backbone}
+    s.count_memory(student.backbone, target.backbone, teacher)
     s.restore(trained, extra)
 
     settings = sampler_settings_for(cfg)
-    fixed = s.sample_batch()
 
     def validation_samples():
+        fixed = s.fixed_samples()
         noise, gen = s.sample_noise(fixed.x)
         return sample_student(lambda x, sigma: student(x, sigma, fixed.cond), noise, settings.steps,
                               settings.shift, settings.mode, gen)

@@ -153,6 +153,7 @@ def run(program: str, train_loop: Callable[[dict], None], argv: list[str] | None
 def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: str, run_dir: str,
           export_only: bool = False) -> dict:
     """Run (or resume, or recognise as finished) the training job; returns result.json's content."""
+    import ray.data
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -169,8 +170,19 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
               f"(checkpoint {previous.get('checkpoint')}); nothing to do")
         return previous
 
+    health = read_json(storage.join(run, HEALTH_FILE), options)
+    if health and health.get("stopped"):
+        # Rerunning a run the health check stopped resumes it from its last good checkpoint
+        # (typically with overrides, e.g. a lower learning rate); the rollback count is kept.
+        print(f"w2svd {program}: resuming a run the health check stopped: {health.pop('stopped')}")
+        write_json(storage.join(run, HEALTH_FILE), health, options)
     init_ray(cfg)
+    # A Dataset keeps the DataContext of its creation: file order must be fixed before reading,
+    # since resume replays the stream by position.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = read_latent_shards(data, buckets=[b.name for b in cfg.data.buckets], options=options)
+    if cfg.parallel.materialize_data:
+        dataset = dataset.materialize()  # small data: read once into the object store
     run_id = mlflow_run_id(cfg, run, program, options)
     p = cfg.parallel
     fs, path = storage.filesystem(run, options)
@@ -316,6 +328,7 @@ class LatentStream:
         self.shard, self.batch_size, self.rank, self.world = shard, batch_size, rank, world
         self.device = device
         self.position = 0
+        self.first: Batch | None = None  # the batch at position 0 (fixed validation prompts)
         self._it = self._batches()
         for _ in range(position):  # the data position of the checkpoint
             next(self._it)
@@ -344,7 +357,10 @@ class LatentStream:
         self.position += 1
         cond = Cond(text=b.text.float(), text_mask=b.text_mask.float(), pooled=b.pooled.float(),
                     image=None if b.image is None else b.image.float())
-        return Batch(b.latents.float().to(self.device), cond.to(self.device), b.bucket)
+        batch = Batch(b.latents.float().to(self.device), cond.to(self.device), b.bucket)
+        if self.position == 1:
+            self.first = batch
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +397,8 @@ class WorkerSession:
     resumed: bool = False
     export_only: bool = False
     _stream: LatentStream | None = None
+    _samples: Batch | None = None
+    _param_bytes: int = 0
     _step_times: list[float] = field(default_factory=list)
 
     # -- start ------------------------------------------------------------------------------
@@ -416,15 +434,16 @@ class WorkerSession:
                                         position=self.data_position)
         return self._stream
 
-    def sample_batch(self) -> Batch:
-        """The fixed prompts of the validation samples: the first batch of rank 0's stream."""
-        import ray.train
-
-        stream = LatentStream(ray.train.get_dataset_shard("train"), self.cfg.optim.batch_size, 0, self.world,
-                              self.device)
-        batch = next(stream)
-        n = min(self.cfg.optim.sample_count, batch.x.shape[0])
-        return Batch(batch.x[:n], batch.cond.index(slice(0, n)), batch.bucket)
+    def fixed_samples(self) -> Batch:
+        """The validation prompts: the first ``sample_count`` clips of this rank's stream, kept in
+        the checkpoint so a resumed run samples the same prompts without re-reading the data."""
+        if self._samples is None:
+            first = self.batches().first
+            if first is None:
+                raise RuntimeError("fixed_samples() is available after the first batch was read")
+            n = min(self.cfg.optim.sample_count, first.x.shape[0])
+            self._samples = Batch(first.x[:n], first.cond.index(slice(0, n)), first.bucket)
+        return self._samples
 
     @property
     def total_steps(self) -> int:
@@ -455,6 +474,10 @@ class WorkerSession:
                 random.setstate(rng["python"])
                 if self.device.type == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"], self.device)
+            samples_file = folder / f"samples_rank{self.rank}.pt"
+            if samples_file.is_file():
+                raw = torch.load(samples_file, weights_only=False)
+                self._samples = Batch(raw["x"].to(self.device), Cond(**raw["cond"]).to(self.device), raw["bucket"])
         self.step, self.data_position, self.resumed = state["step"], state["data_position"], True
         self._apply_lr(trained)
         if self.rank == 0:
@@ -485,6 +508,9 @@ class WorkerSession:
             if self.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+            fixed = self.fixed_samples()
+            torch.save({"x": fixed.x.cpu(), "cond": fixed.cond.to("cpu").__dict__, "bucket": fixed.bucket},
+                       tmp / f"samples_rank{self.rank}.pt")
             if self.rank == 0:
                 for name, module in (extra or {}).items():
                     torch.save(module.state_dict(), tmp / f"{name}.pt")
@@ -600,13 +626,25 @@ class WorkerSession:
         if self.world > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         out = {"stats/peak_memory_mb_per_worker": float(peak)}
+        if self._param_bytes:
+            out["stats/param_bytes_per_worker"] = float(self._param_bytes)
         if times:
             median = float(np.median(times))
             out["stats/step_time_s"] = median
             out["stats/samples_per_s"] = self.cfg.optim.batch_size * self.world / median
         return out
 
+    def count_memory(self, *modules: nn.Module) -> None:
+        """Record the bytes of distinct parameter storages this worker holds (result.json stats)."""
+        from w2svd.models.base import count_parameter_bytes
+
+        self._param_bytes = count_parameter_bytes(*modules)
+
     def finish(self, trained: list[Trained]) -> None:
+        import ray.train
+
+        # The final numbers (also after an export-only or stopped run, which write no checkpoint).
+        ray.train.report({"step": self.step, **self.stats()})
         self.tracker.close()
         for t in trained:
             t.engine.destroy()  # ZeRO-3 may abort at interpreter exit without it
@@ -706,3 +744,51 @@ def latents_to_video(cfg: Config, latents_BCTHW: torch.Tensor) -> tuple[np.ndarr
         out = t.permute(0, 2, 3, 1).to(torch.uint8).numpy()
         h, w = out.shape[1], out.shape[2]
     return np.ascontiguousarray(out[:, :h, :w]), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def write_synthetic_latents(uri: str, cfg: Config, clips_per_bucket: int = 8, rows_per_shard: int = 4,
+                            seed: int = 0) -> str:
+    """Synthetic latent shards (SHARD_SCHEMA) for every bucket of ``cfg`` under ``uri``: the
+    tests' and benchmark's stand-in for a pre-encode output (any model size, no VAE needed).
+
+    Latents are smooth per-clip patterns plus noise (not white noise), so a flow-matching model
+    has structure to learn; text/pooled embeddings are fixed per clip.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from w2svd.data import shards
+
+    arch, g = cfg.model.arch, torch.Generator().manual_seed(seed)
+    rows = []
+    for bucket in cfg.data.buckets:
+        t, h, w = (bucket.frames - 1) // 4 + 1, bucket.height // 8, bucket.width // 8  # VAE 4x/8x
+        for i in range(clips_per_bucket):
+            base = torch.randn(arch.in_channels, 1, 1, 1, generator=g)
+            ramp = torch.linspace(-1, 1, h).view(1, 1, h, 1) * torch.randn(arch.in_channels, 1, 1, 1, generator=g)
+            latent = (base + ramp + 0.3 * torch.randn(arch.in_channels, t, h, w, generator=g)).expand(-1, t, h, w)
+            text = torch.randn(cfg.model.text_max_length, arch.text_embed_dim, generator=g)
+            mask = torch.ones(cfg.model.text_max_length, dtype=torch.bool)
+            pooled = torch.randn(arch.pooled_projection_dim, generator=g)
+            lb, ls, ld = shards.tensor_to_bytes(latent.contiguous())
+            tb, ts, _ = shards.tensor_to_bytes(text)
+            mb, _, _ = shards.tensor_to_bytes(mask)
+            pb, ps, _ = shards.tensor_to_bytes(pooled)
+            rows.append({"clip_id": f"{bucket.name}-{i:03d}", "source_uri": f"synthetic://{bucket.name}/{i}",
+                         "caption": f"a person talking, clip {i}", "bucket": bucket.name, "frames": bucket.frames,
+                         "height": bucket.height, "width": bucket.width, "latent": lb, "latent_shape": ls,
+                         "latent_dtype": ld, "text": tb, "text_shape": ts, "text_mask": mb, "pooled": pb,
+                         "pooled_shape": ps, "image_latent": None, "image_latent_shape": None,
+                         "vae_id": "tiny-random", "text_encoder_id": "tiny-random",
+                         "content_hash": f"{bucket.name}{i}", "factors": "{}"})
+    for start in range(0, len(rows), rows_per_shard):
+        table = pa.Table.from_pylist(rows[start:start + rows_per_shard], schema=shards.SHARD_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(storage.join(uri, shards.SHARDS_DIR, f"shard-{start // rows_per_shard:04d}.parquet"),
+                            sink.getvalue().to_pybytes())
+    return uri

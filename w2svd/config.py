@@ -195,6 +195,8 @@ class ParallelConfig:
     zero_stage: int = 3
     precision: Literal["fp32", "bf16"] = "bf16"
     max_failures: int = 3
+    # Read the latent Dataset once into the object store (small data sets; no re-read per epoch).
+    materialize_data: bool = False
     # Test hook: rank 1 (or 0 with one worker) raises at this step of a fresh run (-1 = never).
     fail_at_step: int = -1
 

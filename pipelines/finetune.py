@@ -1,0 +1,77 @@
+"""Teacher fine-tuning on Ray Train + DeepSpeed: flow matching on portrait latents, full or LoRA.
+
+    w2svd finetune --config debug --data LATENTS --run-dir RUN [optim.finetune_lora_rank=8 …]
+    python -m pipelines.finetune …            # the same program
+
+The export (``RUN_DIR/export``) is a diffusers-layout teacher with its N-step Euler sampler:
+``w2svd distill … model.teacher=RUN_DIR/export`` distills it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipelines.train_common import WorkerSession, make_engine, run
+from w2svd.baselines import flow_matching_step
+from w2svd.export import sampler_settings_for, save_generator_export
+from w2svd.models.hunyuan import build_backbone
+from w2svd.roles import View, adapter_parameters, add_lora, guided_velocity
+from w2svd.sampling import sample_teacher_euler
+from w2svd.schedule import sample_logit_normal_sigmas
+
+ADAPTER = "finetune"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    s = WorkerSession.start(config)
+    cfg, o, m = s.cfg, s.cfg.optim, s.cfg.method
+    teacher = build_backbone(cfg.model, device=s.device)
+    lora = o.finetune_lora_rank > 0
+    if lora:
+        teacher.requires_grad_(False)
+        add_lora(teacher, ADAPTER, o.finetune_lora_rank, float(o.finetune_lora_rank), m.lora_targets)
+        teacher.to(s.device)
+        model_view, params = View(teacher, {ADAPTER: 1.0}), adapter_parameters(teacher, ADAPTER)
+    else:
+        teacher.requires_grad_(True)
+        model_view, params = View(teacher), list(teacher.parameters())
+    model = make_engine("teacher", [teacher], [(params, o.finetune_lr)], cfg)
+    trained = [model]
+    s.count_memory(teacher)
+    s.restore(trained)
+    settings = sampler_settings_for(cfg, role="teacher")
+
+    def validation_samples():
+        fixed = s.fixed_samples()
+        noise, _ = s.sample_noise(fixed.x)
+        velocity = lambda x, sigma: guided_velocity(model_view, x, sigma, fixed.cond,  # noqa: E731
+                                                    settings.guidance_mode, settings.guidance_scale)
+        return sample_teacher_euler(velocity, noise, settings.steps, settings.shift)
+
+    batches = s.batches()
+    while s.step < s.total_steps:
+        s.maybe_fail()
+        batch = next(batches)
+        x = batch.x * s.poison()
+        metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
+        with s.timed(metrics):
+            sigma = sample_logit_normal_sigmas(x.shape[0], generator=s.rng).to(x.device)
+            metrics |= flow_matching_step(model_view, x, batch.cond, sigma, backward=model.backward,
+                                          uncond_prob=o.finetune_uncond_prob, generator=s.rng)
+            if not s.healthy_before_update(metrics):
+                break
+            grad_norms["teacher"] = model.step()
+        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples):
+            break
+    else:
+        s.export(lambda folder: save_generator_export(teacher, folder, settings, cfg,
+                                                      adapter=ADAPTER if lora else None), [teacher])
+    s.finish(trained)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("finetune", train_loop_per_worker, argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

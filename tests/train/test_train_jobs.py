@@ -1,0 +1,235 @@
+"""Training jobs end to end: 2 CPU workers on a local Ray, real DeepSpeed on gloo, a real
+S3-compatible server (moto on 127.0.0.1) and a real MLflow store.
+
+Runs are shared between tests through module fixtures (each costs tens of seconds on 2 cores):
+
+    reference   distill, w2svd full generator, 4 steps, storage and data in the bucket
+    faulted     the same config, a worker raises at step 3 → FailureConfig restart from step 2
+    nan_lora    shared-base (LoRA generator) run with a NaN injected at step 3 → rollback
+    finetune    teacher flow-matching fine-tune
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import distill, finetune
+from pipelines.train_common import train
+from w2svd.baselines import flow_matching_step
+from w2svd.config import load_config
+from w2svd.data import storage
+from w2svd.export import generate_latents, load_generator
+from w2svd.models.base import Cond, count_parameter_bytes
+from w2svd.models.hunyuan import build_backbone, dummy_cond
+from w2svd.roles import View, build_roles_from_config
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "w2svd-train-test"
+COMMON = ["optim.steps=4", "parallel.materialize_data=true"]
+
+
+@pytest.fixture(scope="module")
+def services(s3_server, ray_local, mlflow_uri, latents_dir):
+    # s3_server first: Ray's worker processes inherit the endpoint variables from ray.init.
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return {"mlflow": mlflow_uri, "latents": latents_dir}
+
+
+def _cfg(services, *extra):
+    return load_config("debug", [*COMMON, f"tracking.tracking_uri={services['mlflow']}", *extra])
+
+
+def _history(services, run_id: str, key: str) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for m in MlflowClient(services["mlflow"]).get_metric_history(run_id, key):
+        out.setdefault(m.step, []).append(m.value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(services, shard_writer):
+    data = shard_writer(f"s3://{BUCKET}/latents")
+    run_dir = f"s3://{BUCKET}/runs/reference"
+    result = train("distill", distill.train_loop_per_worker, _cfg(services), data, run_dir)
+    return {"result": result, "run_dir": run_dir, "data": data}
+
+
+@pytest.fixture(scope="module")
+def faulted(services, tmp_path_factory, shard_writer):
+    run_dir = str(tmp_path_factory.mktemp("faulted"))
+    cfg = _cfg(services, "parallel.fail_at_step=3")
+    data = shard_writer(str(tmp_path_factory.mktemp("latents-copy")))  # same rows, local copy
+    result = train("distill", distill.train_loop_per_worker, cfg, data, run_dir)
+    return {"result": result, "run_dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def nan_lora(services, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("nan-lora"))
+    cfg = _cfg(services, "method.generator=lora", "health.inject_nan_at_step=3", "health.max_rollbacks=1")
+    result = train("distill", distill.train_loop_per_worker, cfg, services["latents"], run_dir)
+    return {"result": result, "run_dir": run_dir}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_s3_run_checkpoints_mlflow_and_export(services, reference):
+    result, run_dir = reference["result"], reference["run_dir"]
+    assert result["status"] == "finished" and result["steps"] == 4 and result["method"] == "w2svd"
+    assert result["checkpoint"].startswith(f"s3://{BUCKET}/runs/reference/train/checkpoint_")
+    assert result["export"] == f"{run_dir}/export"
+    assert json.loads(storage.read_bytes(f"{run_dir}/result.json")) == result
+
+    # Checkpoints are in the bucket, with every role's engine state and both ranks' RNG.
+    keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix="runs/reference/train/") for o in page.get("Contents", [])]
+    latest = result["checkpoint"][len(f"s3://{BUCKET}/"):]
+    names = {k[len(latest) + 1:] for k in keys if k.startswith(latest + "/")}
+    assert {"state.json", "config.yaml", "rng_rank0.pt", "rng_rank1.pt"} <= names
+    assert any(n.startswith("critic/") and "optim_states" in n for n in names)
+    assert any(n.startswith("generator/") and "model_states" in n for n in names)
+    state = json.loads(storage.read_bytes(f"{result['checkpoint']}/state.json"))
+    assert state["step"] == 4 and state["data_position"] == 4
+    assert len({k.split("/")[3] for k in keys if "/checkpoint_" in k}) >= 2  # every 2 steps, kept 3
+
+    # MLflow: params, per-role losses at every step, learning rates, perf, system metrics, videos.
+    client = MlflowClient(services["mlflow"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["method.name"] == "w2svd" and run.data.params["optim.steps"] == "4"
+    assert sorted(_history(services, run.info.run_id, "critic/loss")) == [1, 2, 3, 4]
+    assert sorted(_history(services, run.info.run_id, "gen/dmd")) == [2, 4]
+    for key in ("lr/generator", "perf/step_time_s", "perf/samples_per_s", "perf/peak_memory_mb",
+                "grad_norm/critic"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_000003.mp4"} <= artifacts
+    local = client.download_artifacts(run.info.run_id, "samples/step_000003.mp4")
+    assert Path(local).stat().st_size > 1000
+
+    # The export loads from the bucket and samples.
+    backbone, settings = load_generator(result["export"])
+    assert settings.method == "w2svd" and settings.steps == 4
+    cfg = load_config("debug")
+    noise = torch.randn(1, 16, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    latents = generate_latents(backbone, settings, dummy_cond(cfg.model, 1, 16), noise)
+    assert latents.shape == noise.shape and torch.isfinite(latents).all()
+
+
+def test_finished_run_says_so(services, reference, capsys):
+    again = train("distill", distill.train_loop_per_worker, _cfg(services), reference["data"], reference["run_dir"])
+    assert again == reference["result"]
+    assert "already finished at step 4" in capsys.readouterr().out
+
+
+def test_worker_failure_restarts_and_ends_where_an_uninterrupted_run_ends(services, reference, faulted):
+    result = faulted["result"]
+    assert result["status"] == "finished" and result["steps"] == reference["result"]["steps"] == 4
+    history = _history(services, result["mlflow_run_id"], "critic/loss")
+    assert sorted(history) == [1, 2, 3, 4]
+    # Step 3 ran twice: before the failure, and again after resuming from the step-2 checkpoint.
+    assert len(history[3]) == 2 and all(len(history[s]) == 1 for s in (1, 2, 4))
+
+
+def test_losses_after_resume_match_the_uninterrupted_run(services, reference, faulted):
+    for key in ("critic/loss", "critic/flow_matching", "gen/dmd"):
+        ref = _history(services, reference["result"]["mlflow_run_id"], key)
+        got = _history(services, faulted["result"]["mlflow_run_id"], key)
+        assert sorted(ref) == sorted(got)
+        for step in ref:
+            for value in got[step]:  # the replayed step 3 included
+                assert value == pytest.approx(ref[step][0], rel=1e-5, abs=1e-7), (key, step)
+
+
+def test_nan_rolls_back_with_a_clear_message_and_no_poisoned_checkpoint(services, nan_lora):
+    result, run_dir = nan_lora["result"], nan_lora["run_dir"]
+    assert result["status"] == "finished" and result["steps"] == 4 and result["rollbacks"] == 1
+    health = json.loads(Path(run_dir, "health.json").read_text())
+    assert "step 3: non-finite critic/" in health["history"][0] and "rolling back" in health["history"][0]
+    assert health["lr_scale"] == 0.5
+    run = MlflowClient(services["mlflow"]).get_run(result["mlflow_run_id"])
+    assert "rolling back to the last good checkpoint" in run.data.tags["health"]
+    lrs = _history(services, result["mlflow_run_id"], "lr/critic")
+    assert lrs[2] == [1e-3] and lrs[4] == [pytest.approx(5e-4)]  # lowered after the rollback
+
+    checkpoint = Path(result["checkpoint"])
+    tensors = 0
+    for file in checkpoint.rglob("*.pt"):
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        stack = [state]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, torch.Tensor) and item.is_floating_point():
+                tensors += 1
+                assert torch.isfinite(item).all(), file
+    assert tensors > 10
+    backbone, settings = load_generator(Path(run_dir, "export"))
+    assert all(torch.isfinite(p).all() for p in backbone.parameters())
+    assert Path(run_dir, "export", "transformer_lora", "adapter_model.safetensors").is_file()
+
+
+def test_shared_base_holds_one_copy_of_the_base_per_worker(reference, nan_lora):
+    def local_bytes(*overrides):  # the same roles built in this process, without DeepSpeed
+        cfg = load_config("debug", list(overrides))
+        return count_parameter_bytes(build_roles_from_config(build_backbone(cfg.model), cfg.method))
+
+    base = count_parameter_bytes(build_backbone(load_config("debug").model))
+    full = reference["result"]["stats"]["stats/param_bytes_per_worker"]
+    shared = nan_lora["result"]["stats"]["stats/param_bytes_per_worker"]
+    # The workers hold what the roles hold (DeepSpeed adds no parameter copy; ZeRO-2 may pad).
+    assert shared == pytest.approx(local_bytes("method.generator=lora"), rel=0.02)
+    assert full == pytest.approx(local_bytes("method.generator=full"), rel=0.02)
+    assert full - shared > 0.9 * base  # the full generator is a second copy of the base ...
+    assert shared - base < 0.3 * base  # ... shared-base mode adds only adapters and the head
+    assert reference["result"]["stats"]["stats/step_time_s"] > 0
+
+
+def test_finetune_lowers_the_flow_matching_loss(services, latents_dir, tmp_path):
+    run_dir = tmp_path / "finetune"
+    code = finetune.main(["--config", "debug", "--data", latents_dir, "--run-dir", str(run_dir),
+                          *COMMON, "optim.steps=6", "optim.finetune_lr=0.01", "optim.checkpoint_every=6",
+                          "optim.sample_every=6", f"tracking.tracking_uri={services['mlflow']}"])
+    assert code == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["method"] == "finetune" and result["steps"] == 6
+
+    before = build_backbone(load_config("debug").model)
+    after, settings = load_generator(run_dir / "export")
+    assert settings.mode == "euler" and settings.method == "finetune"
+    # The export is a teacher for distillation as well.
+    build_backbone(load_config("debug", [f"model.teacher={run_dir / 'export'}"]).model)
+
+    from pipelines.reader import collate_latent_batch
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(Path(latents_dir, "shards").glob("*.parquet"))[0])
+    batch = collate_latent_batch(table)
+    cond = Cond(batch.text.float(), batch.text_mask.float(), batch.pooled.float())
+
+    def loss(model):
+        g = torch.Generator().manual_seed(7)
+        values = []
+        for _ in range(8):
+            sigma = torch.rand(batch.latents.shape[0], generator=g) * 0.9 + 0.05
+            with torch.no_grad():
+                values.append(flow_matching_step(View(model), batch.latents.float(), cond, sigma,
+                                                 backward=lambda _: None, generator=g)["fm/loss"])
+        return sum(values) / len(values)
+
+    assert loss(after) < 0.92 * loss(before)  # 6 steps; ~0.88 measured
+
+
+def test_distill_refuses_euler(tmp_path):
+    with pytest.raises(SystemExit, match="nothing to train"):
+        distill.main(["--config", "debug", "--data", str(tmp_path), "--run-dir", str(tmp_path), "method.name=euler"])
