@@ -25,7 +25,8 @@ def test_bf16_steps_on_cuda_are_finite_and_shared_base_saves_memory(generator):
     roles = build_roles_from_config(teacher, cfg.method).cuda()
     st = StepSettings.from_config(cfg.method)
     x = torch.randn(2, 16, 5, 16, 12, device="cuda", dtype=torch.bfloat16)
-    cond = dummy_cond(cfg.model, 2, 8).to("cuda", torch.bfloat16)
+    cond = dummy_cond(cfg.model, 2, 8).map(
+        lambda t: t.to("cuda", torch.bfloat16) if t.is_floating_point() else t.to("cuda"))
     metrics = critic_step(roles, x, cond, st) | generator_step(roles, x, cond, st)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     assert any(p.grad is not None for p in roles.generator_parameters())
