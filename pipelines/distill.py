@@ -126,6 +126,12 @@ def check(cfg: Config) -> None:
     if cfg.method.name == "euler":
         raise SystemExit("w2svd distill: method.name = 'euler' is the teacher's N-step sampler and has nothing "
                          "to train; evaluate the teacher with `w2svd evaluate` or pick w2svd, dmd2 or lcm")
+    if cfg.method.name == "lcm" and cfg.parallel.zero_stage == 3:
+        # The EMA target reads the student's weights directly, which ZeRO-3 partitions away.
+        raise ValueError("method.name = 'lcm' needs parallel.zero_stage <= 2 (its EMA target copies the "
+                         "student's weights every step)")
+    if cfg.method.generator == "lora" and cfg.parallel.zero_stage == 3:
+        check_zero3_sharing(cfg, 2)
 
 
 def main(argv: list[str] | None = None) -> int:

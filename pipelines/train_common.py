@@ -595,8 +595,10 @@ class WorkerSession:
         if sample is not None and self.cfg.tracking.log_samples and self.step % self.cfg.optim.sample_every == 0:
             latents = sample()  # every rank: ZeRO-3 gathers weights collectively
             if self.rank == 0 and self.tracker.active:
-                video, label = latents_to_video(self.cfg, latents)
-                self.tracker.log_video(video, self.cfg.data.fps, self.step, label)
+                clips, label = decode_samples(self.cfg, latents)
+                self.tracker.log_video(video_strip(clips), self.cfg.data.fps, self.step, label)
+                if label == "vae":
+                    self.tracker.log(quick_metrics(clips, self.cfg.data.fps), self.step)
         if self.checkpoint_due():
             self.save(trained, logged, extra)
         return True
@@ -719,9 +721,9 @@ class Tracker:
             self.active = False
 
 
-def latents_to_video(cfg: Config, latents_BCTHW: torch.Tensor) -> tuple[np.ndarray, str]:
-    """Latents → one uint8 ``[T, H, W, 3]`` strip (samples side by side) and how it was made:
-    decoded by the config's VAE, or — when that fails — the first latent channel in grey."""
+def decode_samples(cfg: Config, latents_BCTHW: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Latents → uint8 clips ``[B, T, H, W, 3]`` and how they were made: decoded by the config's
+    VAE, or — when that fails — the first latent channel in grey (labelled, never passed off as video)."""
     latents = latents_BCTHW.detach().float().cpu()
     try:
         from w2svd.models.encoders import decode_latents
@@ -733,17 +735,33 @@ def latents_to_video(cfg: Config, latents_BCTHW: torch.Tensor) -> tuple[np.ndarr
         x = latents[:, :1]
         lo, hi = x.amin(), x.amax()
         video = ((x - lo) / (hi - lo + 1e-8) * 2 - 1).repeat(1, 3, 1, 1, 1)
+        if min(video.shape[-2:]) < 16:  # so players show something
+            b, c, t, h, w = video.shape
+            video = torch.nn.functional.interpolate(video.reshape(b, c * t, h, w), scale_factor=8, mode="nearest")
+            video = video.reshape(b, c, t, h * 8, w * 8)
         label = "latent-channel-0-grey"
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, T, H, W]
-    strip = torch.cat(list(frames), dim=-1)  # [3, T, H, B·W]
-    out = strip.permute(1, 2, 3, 0).contiguous().numpy()
-    h, w = out.shape[1] - out.shape[1] % 2, out.shape[2] - out.shape[2] % 2  # H.264 needs even sizes
-    if min(h, w) < 16:  # latents of a tiny grey fallback: upscale so players show something
-        t = torch.from_numpy(out).permute(0, 3, 1, 2).float()
-        t = torch.nn.functional.interpolate(t, scale_factor=8, mode="nearest")
-        out = t.permute(0, 2, 3, 1).to(torch.uint8).numpy()
-        h, w = out.shape[1], out.shape[2]
-    return np.ascontiguousarray(out[:, :h, :w]), label
+    return frames.permute(0, 2, 3, 4, 1).contiguous().numpy(), label
+
+
+def video_strip(clips_BTHWC: np.ndarray) -> np.ndarray:
+    """Clips side by side in one ``[T, H, B·W, 3]`` video, cropped to even sizes (H.264)."""
+    strip = np.concatenate(list(clips_BTHWC), axis=2)
+    h, w = strip.shape[1] - strip.shape[1] % 2, strip.shape[2] - strip.shape[2] % 2
+    return np.ascontiguousarray(strip[:, :h, :w])
+
+
+def quick_metrics(clips_BTHWC: np.ndarray, fps: float) -> dict[str, float]:
+    """The evaluation module's quick (network-free) VBench-style scores of the samples, named
+    ``quick/<dimension>`` (offline proxies; not comparable with published VBench numbers)."""
+    try:
+        from w2svd.metrics.vbench import vbench_report
+
+        report = vbench_report(clips_BTHWC, fps=fps)
+    except Exception as err:  # noqa: BLE001 - a metric must not end a training run
+        print(f"[w2svd] quick metrics of the samples failed: {err}")
+        return {}
+    return {f"quick/{name}": float(r["value"]) for name, r in report.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_s3_run_checkpoints_mlflow_and_export(services, reference):
     assert sorted(_history(services, run.info.run_id, "critic/loss")) == [1, 2, 3, 4]
     assert sorted(_history(services, run.info.run_id, "gen/dmd")) == [2, 4]
     for key in ("lr/generator", "perf/step_time_s", "perf/samples_per_s", "perf/peak_memory_mb",
-                "grad_norm/critic"):
+                "grad_norm/critic", "quick/temporal_flickering", "system/cpu_utilization_percentage"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_000003.mp4"} <= artifacts
