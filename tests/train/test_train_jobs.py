@@ -210,8 +210,9 @@ def test_finetune_lowers_the_flow_matching_loss(services, latents_dir, tmp_path)
     # The export is a teacher for distillation as well.
     build_backbone(load_config("debug", [f"model.teacher={run_dir / 'export'}"]).model)
 
-    from pipelines.reader import collate_latent_batch
     import pyarrow.parquet as pq
+
+    from pipelines.reader import collate_latent_batch
 
     table = pq.read_table(sorted(Path(latents_dir, "shards").glob("*.parquet"))[0])
     batch = collate_latent_batch(table)

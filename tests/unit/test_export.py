@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from w2svd.config import load_config
-from w2svd.export import (SamplerSettings, generate_latents, load_generator, sampler_settings_for,
-                          save_generator_export)
+from w2svd.export import (
+    SamplerSettings,
+    generate_latents,
+    load_generator,
+    sampler_settings_for,
+    save_generator_export,
+)
 from w2svd.models.hunyuan import build_backbone, dummy_cond
 from w2svd.roles import GENERATOR, build_roles_from_config
 
