@@ -34,10 +34,8 @@ def train_loop_per_worker(config: dict) -> None:
     shares_base = cfg.method.generator == "lora"
     check_zero3_sharing(cfg, 2 if shares_base else 1)
     disc = [] if roles.disc is None else [roles.disc]
-    disc_params = [p for d in disc for p in d.parameters()]
-    fake_params = [p for p in roles.critic_parameters() if all(p is not q for q in disc_params)]
     critic = make_engine("critic", [roles.fake.backbone, *disc],
-                         [(fake_params, o.critic_lr), (disc_params, o.disc_lr)], cfg)
+                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
     generator = make_engine("generator", [roles.generator.backbone],
                             [(roles.generator_parameters(), o.generator_lr)], cfg)
     trained = [critic, generator]

@@ -395,6 +395,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ValueError(f"{path} must be true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path} must be a number, got {value!r}")
         return float(value)

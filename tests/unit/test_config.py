@@ -25,6 +25,7 @@ def test_dotted_overrides_are_typed():
     assert cfg.method.alpha_weak == 0.5 and cfg.optim.steps == 3 and cfg.method.generator == "lora"
     assert cfg.model.teacher == "s3://bucket/teacher"
     assert cfg.data.buckets[0].width == 32
+    assert load_config("debug", ["optim.critic_lr=1e-3"]).optim.critic_lr == 1e-3
     assert flatten(cfg)["method.alpha_weak"] == 0.5
 
 
