@@ -25,6 +25,7 @@ import torch
 
 from w2svd.baselines import ema_update, flow_matching_step, lcm_step
 from w2svd.distill import StepSettings, critic_step, generator_step
+from w2svd.health import HealthMonitor
 from w2svd.models.base import Cond
 from w2svd.models.toy import TOY_LORA_TARGETS, ToyDenoiser
 from w2svd.roles import Guidance, View, build_roles
@@ -140,6 +141,9 @@ class ToySettings:
     lcm_target_ema: float = 0.95
     eval_samples: int = 4096
     eval_every: int = 20  # generator updates between curve points
+    # The training-health guard (w2svd.health) on training-batch signals only — NaN/inf, the
+    # generator's sample std against the data's, exploding losses — never on the reported metric.
+    health: bool = True
     seed: int = 0
 
     @classmethod
@@ -250,6 +254,10 @@ def distill_dmd_family(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: T
         return evaluate_velocity(problem, lambda x, sg, c: eval_net(x, sg, c), run.steps, s, False)
 
     curve = [{"gen_updates": 0, **evaluate()}]
+    monitor = HealthMonitor(enabled=s.health)
+    trained = {"roles": roles, "opt_critic": opt_critic, "opt_gen": opt_gen}
+    last_good = copy.deepcopy({k: v.state_dict() for k, v in trained.items()})
+    lr_scale = 1.0
     gen_updates = 0
     t0 = time.perf_counter()
     for it in range(s.iterations):
@@ -265,7 +273,23 @@ def distill_dmd_family(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: T
         if it % s.gen_update_every == 0:
             opt_gen.zero_grad(set_to_none=True)
             gen_metrics = generator_step(roles, x_gt, cond, st, generator=g)
-            _clip(gen_params, s.grad_clip)
+            grad_norm = _clip(gen_params, s.grad_clip)
+            decision = monitor.check(it, {**critic_metrics, **gen_metrics, "data/std": x_gt.std().item()},
+                                     {"generator": grad_norm})
+            if decision.action == "stop":
+                log(f"  health: {decision.reason}")
+                break
+            if decision.action == "rollback":
+                log(f"  health: {decision.reason}")
+                for key, module in trained.items():
+                    module.load_state_dict(copy.deepcopy(last_good[key]))
+                # The restored optimizers carry the old rate; both schedules scale from it.
+                change, lr_scale = decision.lr_scale / lr_scale, decision.lr_scale
+                for opt, sched in ((opt_critic, sched_critic), (opt_gen, sched_gen)):
+                    sched.base_lrs = [lr * change for lr in sched.base_lrs]
+                    for group in opt.param_groups:
+                        group["lr"] *= change
+                continue
             opt_gen.step()
             sched_gen.step()
             if ema is not None:
@@ -274,10 +298,12 @@ def distill_dmd_family(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: T
             if gen_updates % s.eval_every == 0:
                 point = {"gen_updates": gen_updates, **evaluate(), **gen_metrics, **critic_metrics}
                 curve.append(point)
+                if not decision.reason:  # in band now, not merely within patience
+                    last_good = copy.deepcopy({k: v.state_dict() for k, v in trained.items()})
     elapsed = time.perf_counter() - t0
     final = curve[-1] if curve[-1]["gen_updates"] == gen_updates else {"gen_updates": gen_updates, **evaluate()}
     return {"final": {k: final[k] for k in ("fd", "modes_lost", "on_mode")}, "curve": curve,
-            "seconds": elapsed}
+            "seconds": elapsed, "rollbacks": monitor.state.rollbacks}
 
 
 def distill_lcm(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: ToySettings, log=print) -> dict:
@@ -345,6 +371,7 @@ def run_toy(settings: ToySettings | None = None, runs: list[Run] | None = None, 
         best = min(result["curve"], key=lambda p: p["fd"])
         rows.append({"method": run.method, "steps": run.steps, "variant": run.variant, **result["final"],
                      "best_fd_on_curve": best["fd"], "best_at": best["gen_updates"],
+                     "rollbacks": result.get("rollbacks", 0),
                      "seconds": round(result["seconds"], 1)})
         log(f"  {name:24s} fd {result['final']['fd']:.3f}  modes_lost {result['final']['modes_lost']}"
             f"  (curve min {best['fd']:.3f} at {best['gen_updates']})  {result['seconds']:.0f}s")

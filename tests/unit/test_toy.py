@@ -50,3 +50,25 @@ def test_w2svd_one_step_beats_one_step_euler_by_a_wide_margin(tmp_path):
     euler, w2svd = rows[("euler", 1)], rows[("w2svd", 1)]
     assert w2svd["modes_lost"] == 0
     assert w2svd["fd"] < euler["fd"] / 5, (w2svd, euler)
+
+
+def test_health_guard_rolls_back_a_blown_up_generator_and_lowers_its_rate():
+    """A generator learning rate far too high blows the sample std up; the guard (training-batch
+    signals only) restores the last in-band state with a lower rate, and does nothing when off."""
+    import dataclasses
+
+    from w2svd.toybench import distill_dmd_family, train_teacher
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(ToySettings.fast(), teacher_steps=300, iterations=120, eval_every=5,
+                            generator_lr=0.3, lr_schedule="constant", eval_samples=512)
+    problem = ToyProblem()
+    teacher = train_teacher(problem, s, log=lambda *a: None)
+    messages = []
+    guarded = distill_dmd_family(problem, teacher, Run("w2svd", 1), s, log=messages.append)
+    assert guarded["rollbacks"] >= 1
+    assert any("sample std / data std" in m and "x0.5" in m for m in messages), messages
+    unguarded = distill_dmd_family(problem, teacher, Run("w2svd", 1), dataclasses.replace(s, health=False),
+                                   log=messages.append)
+    assert unguarded["rollbacks"] == 0
+    assert guarded["final"]["fd"] < unguarded["final"]["fd"]
