@@ -111,7 +111,7 @@ def _k8s_to_jsonschema(node):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(kind: str):
     path = CRD_DIR / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():
