@@ -298,7 +298,10 @@ class EncodeClips:
             r.pop("pixels", None)
             r.pop("reference_pixels", None)
             r["encode_s"] = elapsed / max(1, len(ok)) if r["status"] == "ok" else 0.0
-        return pa.Table.from_pylist(rows)
+        # from_pylist takes its columns from the FIRST row: a batch that starts with a
+        # quarantined row would silently drop every encoded column of the others.
+        columns = list(dict.fromkeys([*rows[0], *shards.SHARD_SCHEMA.names, "encode_s"])) if rows else []
+        return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +316,7 @@ def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOpt
     rejected = [_quarantine_record(r, r["reason"], r["detail"]) for r in rows if r["status"] != "ok"]
     shard_uri = ""
     if encoded:
+        assert all(r.get("latent") is not None and r.get("vae_id") for r in encoded), "encoded row without latents"
         table = pa.Table.from_pylist([{name: r.get(name) for name in shards.SHARD_SCHEMA.names} for r in encoded],
                                      schema=shards.SHARD_SCHEMA)
         sink = io.BytesIO()
