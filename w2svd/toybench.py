@@ -212,8 +212,10 @@ def evaluate_velocity(problem: ToyProblem, velocity, steps: int, s: ToySettings,
 # Distillation runs
 
 
-def _adam(params, lr, s: ToySettings):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=0.0)
+def _adam(*groups: tuple) -> torch.optim.AdamW:
+    """DMD2's AdamW (β1 = 0, no decay) over ``(params, lr)`` groups, shared by every method."""
+    return torch.optim.AdamW([{"params": list(p), "lr": lr} for p, lr in groups], betas=(0.0, 0.999),
+                             weight_decay=0.0)
 
 
 def _schedule(opt, total: int, s: ToySettings):
@@ -240,11 +242,9 @@ def distill_dmd_family(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: T
                       lambda_gan_gen=s.lambda_gan_gen, lambda_gan_disc=s.lambda_gan_disc,
                       backward_simulation=s.backward_simulation)
     critic_lr = s.critic_lr * (s.lora_critic_lr_mult if lora else 1.0)
-    opt_critic = torch.optim.AdamW([{"params": roles.fake_score_parameters(), "lr": critic_lr},
-                                    {"params": roles.disc_parameters(), "lr": s.disc_lr}],
-                                   betas=(0.0, 0.999), weight_decay=0.0)
+    opt_critic = _adam((roles.fake_score_parameters(), critic_lr), (roles.disc_parameters(), s.disc_lr))
     gen_params = roles.generator_parameters()
-    opt_gen = _adam(gen_params, s.generator_lr, s)
+    opt_gen = _adam((gen_params, s.generator_lr))
     sched_critic = _schedule(opt_critic, s.iterations, s)
     sched_gen = _schedule(opt_gen, math.ceil(s.iterations / s.gen_update_every), s)
     ema = copy.deepcopy(roles.generator.backbone) if s.generator_ema > 0 else None
@@ -312,7 +312,7 @@ def distill_lcm(problem: ToyProblem, teacher: ToyDenoiser, run: Run, s: ToySetti
     student_net = copy.deepcopy(teacher).requires_grad_(True)
     target_net = copy.deepcopy(teacher)
     student, target, teacher_view = View(student_net), View(target_net), View(teacher)
-    opt = _adam(student_net.parameters(), s.generator_lr, s)
+    opt = _adam((student_net.parameters(), s.generator_lr))
     sched = _schedule(opt, s.iterations, s)
 
     def evaluate():
