@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from w2svd import rng
 from w2svd.distill import Backward, _plain_backward
 from w2svd.losses import consistency_loss, flow_matching_loss
 from w2svd.models.base import Cond
@@ -34,9 +35,9 @@ def lcm_step(student: View, target: View, teacher: View, x_gt: torch.Tensor, con
     """
     grid = teacher_sigmas(teacher_steps, shift).to(x_gt.device)
     batch = x_gt.shape[0]
-    n = torch.randint(teacher_steps, (batch,), generator=generator).to(x_gt.device)
+    n = rng.randint(teacher_steps, (batch,), generator, x_gt.device)
     s_hi, s_lo = grid[n], grid[n + 1]
-    eps = torch.randn(x_gt.shape, generator=generator, device=x_gt.device, dtype=x_gt.dtype)
+    eps = rng.randn_like(x_gt, generator)
     x_hi = add_noise(x_gt, eps, s_hi)
     with torch.no_grad():
         v_teacher = guided_velocity(teacher, x_hi, s_hi, cond, guidance_mode, guidance_scale)
@@ -57,9 +58,9 @@ def flow_matching_step(model: View, x0: torch.Tensor, cond: Cond, sigma_B: torch
     ``uncond_prob`` drops the text condition of that fraction of samples (zeros, as
     ``Cond.null``) so the model also learns the unconditional score that CFG needs.
     """
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    eps = rng.randn_like(x0, generator)
     if uncond_prob > 0:
-        cond = cond.drop(torch.rand(x0.shape[0], generator=generator) < uncond_prob)
+        cond = cond.drop(rng.rand((x0.shape[0],), generator, x0.device) < uncond_prob)
     with model.scope():
         loss = flow_matching_loss(model(add_noise(x0, eps, sigma_B), sigma_B, cond), x0, eps)
         backward(loss)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from w2svd import rng
 from w2svd.losses import dmd_loss, flow_matching_loss, gan_discriminator_loss
 from w2svd.models.base import Cond
 from w2svd.roles import Roles
@@ -59,19 +60,19 @@ def generator_input(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettin
     """
     sigmas = st.generator_sigmas().to(x_gt.device)
     batch = x_gt.shape[0]
-    eps = torch.randn(x_gt.shape, generator=generator, device=x_gt.device, dtype=x_gt.dtype)
+    eps = rng.randn_like(x_gt, generator)
     if st.backward_simulation and len(sigmas) > 1:
-        k = int(torch.randint(len(sigmas), (1,), generator=generator))
+        k = int(rng.randint(len(sigmas), (1,), generator))
         velocity = lambda x, s: roles.generator_velocity(x, s, cond)  # noqa: E731
         x_in = sample(velocity, eps, sigmas, st.sampler, generator, stop_at=k)
         return x_in, sigmas[k].expand(batch).clone()
-    s_g = sigmas[torch.randint(len(sigmas), (batch,), generator=generator)].to(x_gt.device)
+    s_g = sigmas[rng.randint(len(sigmas), (batch,), generator, x_gt.device)]
     return add_noise(x_gt, eps, s_g), s_g
 
 
 def _renoise(x: torch.Tensor, st: StepSettings, generator: torch.Generator | None):
     s = sample_uniform_sigmas(x.shape[0], st.sigma_min, st.sigma_max, generator, x.device)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    eps = rng.randn_like(x, generator)
     return s, eps, add_noise(x, eps, s)
 
 
@@ -93,8 +94,7 @@ def critic_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
         loss = loss_fm
         metrics = {"critic/flow_matching": loss_fm.item()}
         if use_disc:
-            real_s = add_noise(x_gt, torch.randn(x_gt.shape, generator=generator, dtype=x_gt.dtype,
-                                                 device=x_gt.device), s)
+            real_s = add_noise(x_gt, rng.randn_like(x_gt, generator), s)
             _, features_real = roles.fake_velocity_and_features(real_s, s, cond)
             logits_fake, logits_real = roles.disc(features_fake), roles.disc(features_real)
             loss_disc = gan_discriminator_loss(logits_fake, logits_real)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from w2svd import rng
 from w2svd.config import EvalConfig
 
 # Bump when the way items or references are made changes, so old fingerprints stop matching.
@@ -106,7 +107,7 @@ def domain_training_clips(cfg: EvalConfig) -> tuple[torch.Tensor, list[dict]]:
 
 def item_noise(item: EvalItem, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """The starting noise ``latent_shape`` (``[C, T', h, w]``) of one item, from its seed alone."""
-    return torch.randn(*latent_shape, generator=torch.Generator().manual_seed(item.seed))
+    return rng.randn(latent_shape, torch.Generator().manual_seed(item.seed))
 
 
 def clips_from_pixels(video_BCTHW: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from w2svd import rng
 from w2svd.schedule import add_noise, euler_step, student_sigmas, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,7 +24,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, mode: str = "renoise",
-           generator: torch.Generator | None = None, stop_at: int | None = None) -> torch.Tensor:
+           generator: rng.Generators = None, stop_at: int | None = None) -> torch.Tensor:
     """Run the sampler from ``noise`` over ``sigmas`` (the grid without its final 0).
 
     ``stop_at=k`` returns the state at ``sigmas[k]`` before its evaluation instead of the final
@@ -43,13 +44,13 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, mode
         if mode == "euler" or i + 1 == len(sigmas):
             x = euler_step(x, v, s_B, s_next_B)
         else:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = rng.randn_like(x, generator)
             x = add_noise(x0_from_velocity(x, v, s_B), eps, s_next_B)
     return x
 
 
 def sample_student(velocity: VelocityFn, noise: torch.Tensor, steps: int, shift: float,
-                   mode: str = "renoise", generator: torch.Generator | None = None) -> torch.Tensor:
+                   mode: str = "renoise", generator: rng.Generators = None) -> torch.Tensor:
     """A distilled ``steps``-step generator (or LCM student) from ``noise``."""
     return sample(velocity, noise, student_sigmas(steps, shift), mode, generator)
 

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from w2svd import rng
+
 
 def expand_like(s_B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``[B] → [B, 1, …, 1]`` with as many ones as ``x`` has non-batch dims."""
@@ -70,7 +72,7 @@ def student_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
 def sample_uniform_sigmas(n: int, s_min: float, s_max: float, generator: torch.Generator | None = None,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """``s ~ U[s_min, s_max]``, ``[n]``."""
-    u = torch.rand(n, generator=generator, device=device)
+    u = rng.rand((n,), generator, device)
     return s_min + (s_max - s_min) * u
 
 
@@ -78,7 +80,7 @@ def sample_logit_normal_sigmas(n: int, mean: float = 0.0, std: float = 1.0,
                                generator: torch.Generator | None = None,
                                device: torch.device | str = "cpu") -> torch.Tensor:
     """``s = sigmoid(m + std·z)``, ``z ~ N(0, 1)`` (SD3's logit-normal training density)."""
-    z = torch.randn(n, generator=generator, device=device)
+    z = rng.randn((n,), generator, device)
     return torch.sigmoid(mean + std * z)
 
 
