@@ -33,12 +33,13 @@ import ray  # noqa: E402
 from pipelines import preencode  # noqa: E402
 from w2svd.config import load_config, to_dict  # noqa: E402
 from w2svd.data import storage, synth  # noqa: E402
+from w2svd.data.clips import decode_clip, list_inputs, precheck  # noqa: E402
 
 
 def naive_loop(raw: str, out: str, cfg) -> dict:
     options = storage.StorageOptions.from_env()
     start = time.perf_counter()
-    inputs = [r for r in preencode.list_inputs(raw, cfg, options) if not preencode.precheck(r, cfg)]
+    inputs = [r for r in list_inputs(raw, cfg, options) if not precheck(r, cfg)]
     cfg_dict = to_dict(cfg)
     t0 = time.perf_counter()
     encoder = preencode.EncodeClips(cfg_dict, options)
@@ -46,7 +47,7 @@ def naive_loop(raw: str, out: str, cfg) -> dict:
     pending = []
     for record in inputs:
         t0 = time.perf_counter()
-        row = preencode.decode_clip(record, cfg_dict=cfg_dict, options=options)
+        row = decode_clip(record, cfg, options)
         stage["decode"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         pending += encoder(pa.Table.from_pylist([row])).to_pylist()
@@ -67,7 +68,7 @@ def naive_loop(raw: str, out: str, cfg) -> dict:
 
 def pipeline(raw: str, out: str, cfg) -> dict:
     result = preencode.run(raw, out, cfg, log=lambda *_: None)
-    s = result.summary["this_run"]
+    s = result["this_run"]
     n = s["encoded"] + s["quarantined"]
     return {"wall_s": s["wall_s"], "clips": n, "clips_per_s": n / s["wall_s"],
             "stages_busy_s": {k: v["busy_s"] for k, v in s["stages"].items()}}

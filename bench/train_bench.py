@@ -29,8 +29,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import distill  # noqa: E402
-from pipelines.train_common import train, write_synthetic_latents  # noqa: E402
+from pipelines.training import train  # noqa: E402
 from w2svd.config import load_config  # noqa: E402
+from w2svd.data.synthetic_latents import write_synthetic_latents  # noqa: E402
 
 SIZES = {
     "tiny": [],  # the debug config's model

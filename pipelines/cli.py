@@ -20,8 +20,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("pipelines.promote", "log an export as an MLflow model version (alias challenger)"),
     "promote": ("pipelines.promote", "move alias champion when the gates hold"),
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
-    "serve": ("pipelines.serve", "Ray Serve HTTP API over the champion"),
-    "generate": ("pipelines.generate", "Ray Data batch generation"),
     "bench": ("pipelines.bench", "benchmarks: toy, ..."),
     "config": ("pipelines.show_config", "print a resolved config"),
 }

@@ -10,17 +10,20 @@ nothing to train: evaluate the teacher's N-step sampler instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
-from pipelines.train_common import WorkerSession, check_zero3_sharing, make_engine, run
+from pipelines.ema import GeneratorEMA
+from pipelines.engines import check_zero3_sharing, make_engine
+from pipelines.training import main as training_main
+from pipelines.worker import WorkerSession
 from w2svd.baselines import ema_update, lcm_step
 from w2svd.config import Config
 from w2svd.distill import StepSettings, critic_step, generator_step
-from w2svd.export import sampler_settings_for, save_generator_export
+from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
 from w2svd.models.hunyuan import build_backbone
-from w2svd.roles import GENERATOR, View, build_roles_from_config
-from w2svd.sampling import sample_student
+from w2svd.roles import GENERATOR, Guidance, View, build_roles_from_config
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -32,49 +35,53 @@ def train_loop_per_worker(config: dict) -> None:
 
     roles = build_roles_from_config(teacher, cfg.method).to(s.device)
     shares_base = cfg.method.generator == "lora"
-    check_zero3_sharing(cfg, 2 if shares_base else 1)
     disc = [] if roles.disc is None else [roles.disc]
     critic = make_engine("critic", [roles.fake.backbone, *disc],
                          [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
     generator = make_engine("generator", [roles.generator.backbone],
                             [(roles.generator_parameters(), o.generator_lr)], cfg)
     trained = [critic, generator]
+    ema = GeneratorEMA(generator.params, cfg.method.generator_ema) if cfg.method.generator_ema > 0 else None
     s.count_memory(roles)
-    s.restore(trained)
+    s.restore(trained, ema=ema)
 
     st = StepSettings.from_config(cfg.method)
     settings = sampler_settings_for(cfg)
+    exported = ema.applied if ema is not None else contextlib.nullcontext
 
     def validation_samples():
         fixed = s.fixed_samples()
         noise, gen = s.sample_noise(fixed.x)
-        velocity = lambda x, sigma: roles.generator_velocity(x, sigma, fixed.cond)  # noqa: E731
-        return sample_student(velocity, noise, settings.steps, settings.shift, settings.mode, gen)
+        with exported():
+            return sample_latents(roles.generator, settings, fixed.cond, noise, gen)
 
     batches = s.batches()
     while s.step < s.total_steps:
-        s.maybe_fail()
         batch = next(batches)
-        x = batch.x * s.poison()  # NaN only at health.inject_nan_at_step (the health test)
         metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
         with s.timed(metrics):
             # Critic every step: fake score (LoRA or DMD2 copy) + discriminator head.
-            metrics |= critic_step(roles, x, batch.cond, st, backward=critic.backward, generator=s.rng)
+            metrics |= critic_step(roles, batch.x, batch.cond, st, backward=critic.backward, generator=s.rng)
             if not s.healthy_before_update(metrics):
                 break
             grad_norms["critic"] = critic.step()
             # Generator every gen_update_every critic updates.
             if (s.step + 1) % cfg.method.gen_update_every == 0:
-                metrics |= generator_step(roles, x, batch.cond, st, backward=generator.backward, generator=s.rng)
+                metrics |= generator_step(roles, batch.x, batch.cond, st, backward=generator.backward,
+                                          generator=s.rng)
                 if not s.healthy_before_update(metrics):
                     break
                 grad_norms["generator"] = generator.step()
-        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples):
+                if ema is not None:
+                    ema.update()
+        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples, ema=ema):
             break
     else:
-        s.export(lambda folder: save_generator_export(roles.base if shares_base else roles.generator.backbone,
-                                                      folder, settings, cfg, adapter=GENERATOR if shares_base else None),
-                 [roles.generator.backbone])
+        with exported():
+            s.export(lambda folder: save_generator_export(roles.base if shares_base else roles.generator.backbone,
+                                                          folder, settings, cfg,
+                                                          adapter=GENERATOR if shares_base else None),
+                     [roles.generator.backbone])
     s.finish(trained)
 
 
@@ -85,30 +92,26 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
     student = View(copy.deepcopy(teacher).requires_grad_(True))
     target = View(copy.deepcopy(teacher))
     teacher_view = View(teacher)
-    model = make_engine("student", [student.backbone], [(list(student.backbone.parameters()), s.cfg.optim.generator_lr)],
+    model = make_engine("student", [student.backbone], [(list(student.backbone.parameters()), cfg.optim.generator_lr)],
                         cfg)
     trained, extra = [model], {"lcm_target": target.backbone}
     s.count_memory(student.backbone, target.backbone, teacher)
     s.restore(trained, extra)
-
     settings = sampler_settings_for(cfg)
+    guidance = Guidance.from_config(m)
 
     def validation_samples():
         fixed = s.fixed_samples()
         noise, gen = s.sample_noise(fixed.x)
-        return sample_student(lambda x, sigma: student(x, sigma, fixed.cond), noise, settings.steps,
-                              settings.shift, settings.mode, gen)
+        return sample_latents(student, settings, fixed.cond, noise, gen)
 
     batches = s.batches()
     while s.step < s.total_steps:
-        s.maybe_fail()
         batch = next(batches)
-        x = batch.x * s.poison()
         metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
         with s.timed(metrics):
-            metrics |= lcm_step(student, target, teacher_view, x, batch.cond, teacher_steps=m.lcm_teacher_steps,
-                                shift=m.shift, guidance_mode=m.guidance, guidance_scale=m.guidance_scale,
-                                backward=model.backward, generator=s.rng)
+            metrics |= lcm_step(student, target, teacher_view, batch.x, batch.cond, teacher_steps=m.lcm_teacher_steps,
+                                shift=m.shift, guidance=guidance, backward=model.backward, generator=s.rng)
             if not s.healthy_before_update(metrics):
                 break
             grad_norms["student"] = model.step()
@@ -122,18 +125,17 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
 
 def check(cfg: Config) -> None:
     if cfg.method.name == "euler":
-        raise SystemExit("w2svd distill: method.name = 'euler' is the teacher's N-step sampler and has nothing "
-                         "to train; evaluate the teacher with `w2svd evaluate` or pick w2svd, dmd2 or lcm")
+        raise ValueError("method.name = 'euler' is the teacher's N-step sampler and has nothing to train; "
+                         "evaluate the teacher with `w2svd evaluate --teacher` or pick w2svd, dmd2 or lcm")
     if cfg.method.name == "lcm" and cfg.parallel.zero_stage == 3:
         # The EMA target reads the student's weights directly, which ZeRO-3 partitions away.
         raise ValueError("method.name = 'lcm' needs parallel.zero_stage <= 2 (its EMA target copies the "
                          "student's weights every step)")
-    if cfg.method.generator == "lora" and cfg.parallel.zero_stage == 3:
-        check_zero3_sharing(cfg, 2)
+    check_zero3_sharing(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("distill", train_loop_per_worker, argv, __doc__.splitlines()[0], check=check)
+    return training_main("distill", train_loop_per_worker, argv, __doc__.splitlines()[0], check=check)
 
 
 if __name__ == "__main__":

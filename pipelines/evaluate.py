@@ -17,12 +17,9 @@ its run and as ``eval.*`` tags on the version, with the evaluation set's fingerp
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,41 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.errors import ArgumentParser, run_main
+from pipelines.registry import check_model_uri, resolve_version
+from pipelines.startup import init_ray
+from pipelines.tracking import registry_uri
 from w2svd.config import Config, EvalConfig, load_config
-from w2svd.evalset import EvalSet, build_evalset, domain_training_clips, reference_clips
+from w2svd.evalset import EvalSet, build_evalset, reference_clips
+from w2svd.metrics.domain import ensure_domain_encoder
 
 FVD_KEY = "fvd/domain"
 FACE_KEY = "face_detection_rate"
 VBENCH_DIMS = ("dynamic_degree", "temporal_flickering", "motion_smoothness", "subject_consistency",
                "background_consistency", "aesthetic_quality", "imaging_quality")
-
-
-# ---------------------------------------------------------------------------------------------
-# Domain encoder
-
-
-def ensure_domain_encoder(cfg: EvalConfig, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """``(path_or_uri, sha256)`` of the domain encoder: the configured file, or one trained here on
-    synthetic clips (deterministic for given settings, cached, reused by later evaluations)."""
-    from w2svd.metrics import DomainVideoEncoder, train_domain_encoder
-    from w2svd.metrics.weights import read_bytes
-
-    if cfg.domain_encoder:
-        DomainVideoEncoder.from_path(cfg.domain_encoder)  # fails early, naming the missing file
-        return cfg.domain_encoder, hashlib.sha256(read_bytes(cfg.domain_encoder)).hexdigest()
-    recipe = {"clips": cfg.domain_train_clips, "steps": cfg.domain_train_steps, "features": cfg.domain_num_features,
-              "factor_seed": cfg.factor_seed, "size": [cfg.num_frames, cfg.height, cfg.width, cfg.fps]}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir or os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd")
-    path = root / "domain-encoders" / f"domain-{key}.safetensors"
-    if not path.is_file():
-        clips, factors = domain_training_clips(cfg)
-        encoder, _ = train_domain_encoder(clips, factors, steps=cfg.domain_train_steps, batch_size=8,
-                                          num_features=cfg.domain_num_features, width=8, size=32, frames=8)
-        tmp = path.with_suffix(".partial")
-        encoder.save(tmp)
-        tmp.replace(path)  # a half-written file is never taken for a trained encoder
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +55,8 @@ def teacher_source(teacher: str, steps: int, config: str, overrides: list[str] |
 
 
 def load_source(source: dict, device: str | None = None):
-    from pipelines.registry import load_registered_generator, load_teacher_bundle
+    from pipelines.registry import load_registered_generator
+    from w2svd.generate import load_teacher_bundle
 
     if source["kind"] == "teacher":
         return load_teacher_bundle(source["teacher"], source["steps"], source["config"], source["overrides"],
@@ -165,17 +140,6 @@ class ComputeMetrics:
         return {k: np.array(v, dtype=object) for k, v in out.items()}
 
 
-def init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
-
-
 def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[str, dict]:
     """Evaluate every model of ``sources`` (label → source dict) on the config's evaluation set;
     returns label → report. Starts a local Ray unless one is running (or ``RAY_ADDRESS`` is set)."""
@@ -187,7 +151,7 @@ def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[s
     e = cfg.eval
     encoder_path, encoder_sha = ensure_domain_encoder(e)
     evalset = build_evalset(e).with_domain_encoder(encoder_sha)
-    init_ray()
+    init_ray()  # joins $RAY_ADDRESS or starts a local Ray (left running for later evaluations)
     rows = [{"label": label, "index": it.index, "prompt": it.prompt, "seed": it.seed, "num_frames": it.num_frames,
              "height": it.height, "width": it.width} for label in sources for it in evalset.items]
     threads = max(1, int(e.actor_num_cpus))
@@ -248,34 +212,6 @@ def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: st
 # Recording on a registered version
 
 
-def parse_registry_uri(uri: str) -> tuple[str, str, str] | None:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` → (name, "version"|"alias", value)."""
-    if not uri.startswith("models:/"):
-        return None
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        return name, "alias", alias
-    name, _, version = rest.rpartition("/")
-    return (name, "version", version) if name and version.isdigit() else None
-
-
-def resolve_version(client, uri: str):
-    """The ``ModelVersion`` a ``models:/`` URI names, with a clear error for a missing alias/version."""
-    from mlflow.exceptions import MlflowException
-
-    parsed = parse_registry_uri(uri)
-    if parsed is None:
-        return None
-    name, kind, value = parsed
-    try:
-        if kind == "alias":
-            return client.get_model_version_by_alias(name, value)
-        return client.get_model_version(name, value)
-    except MlflowException as err:
-        raise ValueError(f"model {uri!r}: {err.message}") from None
-
-
 def metric_tags(metrics: dict) -> dict[str, str]:
     return {f"eval.{k}": repr(float(v)) for k, v in metrics.items()}
 
@@ -307,8 +243,8 @@ def cached_metrics(version, fingerprint: str, needed: list[str]) -> dict | None:
 # Command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="w2svd evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="w2svd evaluate", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/…, an export folder "
                                       "or a training run dir")
@@ -316,47 +252,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="teacher Euler steps (with --teacher; default method.teacher_steps)")
     p.add_argument("--config", default="debug", help="named config or YAML path: the evaluation set and gates")
     p.add_argument("--out", required=True, help="JSON report path")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, "
+                                          "or ./mlruns)")
     p.add_argument("--no-record", action="store_true", help="do not write metrics/tags to the registry")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.num_prompts=4")
-    args = p.parse_args(argv)
-    if args.steps is not None and not args.teacher:
-        p.error("--steps goes with --teacher")
-    cfg = load_config(args.config, args.overrides)
-    if args.teacher:
-        source = teacher_source(args.teacher, args.steps or cfg.method.teacher_steps, args.config, args.overrides)
-    else:
-        source = model_source(args.model, args.tracking_uri)
+    return p
 
-    version, client = None, None
-    if args.model and args.model.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
 
-        from pipelines.registry import resolve_tracking_uri
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
-        uri = resolve_tracking_uri(args.tracking_uri, cfg)
-        client = MlflowClient(tracking_uri=uri)
-        try:
+    def body() -> int:
+        args = parser.parse_args(argv)
+        if args.steps is not None and not args.teacher:
+            parser.error("--steps goes with --teacher")
+        cfg = load_config(args.config, args.overrides)
+        if args.teacher:
+            source = teacher_source(args.teacher, args.steps or cfg.method.teacher_steps, args.config,
+                                    args.overrides)
+        else:
+            source = model_source(args.model, args.tracking_uri)
+        version, client = None, None
+        if args.model:
+            check_model_uri(args.model, registry_uri(cfg, args.tracking_uri))
+        if args.model and args.model.startswith("models:/"):
+            from mlflow.tracking import MlflowClient
+
+            uri = registry_uri(cfg, args.tracking_uri)
+            client = MlflowClient(tracking_uri=uri)
             version = resolve_version(client, args.model)
-        except ValueError as err:
-            print(f"w2svd evaluate: {err}", file=sys.stderr)
-            return 2
-        # Pin the version, so an alias moving during the job cannot mix two models' numbers.
-        source = model_source(f"models:/{version.name}/{version.version}", uri)
-    try:
+            # Pin the version, so an alias moving during the job cannot mix two models' numbers.
+            source = model_source(f"models:/{version.name}/{version.version}", uri)
         report = evaluate_sources({"model": source}, cfg)["model"]
-    except (ValueError, FileNotFoundError) as err:
-        print(f"w2svd evaluate: {err}", file=sys.stderr)
-        return 2
-    if version is not None:
-        report["model"]["registered"] = {"name": version.name, "version": version.version}
-        if not args.no_record:
-            record_on_version(client, version, report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"[evaluate] report written to {out}")
-    return 0
+        if version is not None:
+            report["model"]["registered"] = {"name": version.name, "version": version.version}
+            if not args.no_record:
+                record_on_version(client, version, report)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"[evaluate] report written to {out}")
+        return 0
+
+    return run_main("w2svd evaluate", body)
 
 
 if __name__ == "__main__":

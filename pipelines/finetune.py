@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.train_common import WorkerSession, make_engine, run
+from pipelines.engines import make_engine
+from pipelines.training import main as training_main
+from pipelines.worker import WorkerSession
 from w2svd.baselines import flow_matching_step
-from w2svd.export import sampler_settings_for, save_generator_export
+from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
 from w2svd.models.hunyuan import build_backbone
-from w2svd.roles import View, adapter_parameters, add_lora, guided_velocity
-from w2svd.sampling import sample_teacher_euler
+from w2svd.roles import View, adapter_parameters, add_lora
 from w2svd.schedule import sample_logit_normal_sigmas
 
 ADAPTER = "finetune"
@@ -43,19 +44,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validation_samples():
         fixed = s.fixed_samples()
-        noise, _ = s.sample_noise(fixed.x)
-        velocity = lambda x, sigma: guided_velocity(model_view, x, sigma, fixed.cond,  # noqa: E731
-                                                    settings.guidance_mode, settings.guidance_scale)
-        return sample_teacher_euler(velocity, noise, settings.steps, settings.shift)
+        noise, gen = s.sample_noise(fixed.x)
+        return sample_latents(model_view, settings, fixed.cond, noise, gen)
 
     batches = s.batches()
     while s.step < s.total_steps:
-        s.maybe_fail()
         batch = next(batches)
-        x = batch.x * s.poison()
+        x = batch.x
         metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
         with s.timed(metrics):
-            sigma = sample_logit_normal_sigmas(x.shape[0], generator=s.rng).to(x.device)
+            sigma = sample_logit_normal_sigmas(x.shape[0], generator=s.rng, device=x.device)
             metrics |= flow_matching_step(model_view, x, batch.cond, sigma, backward=model.backward,
                                           uncond_prob=o.finetune_uncond_prob, generator=s.rng)
             if not s.healthy_before_update(metrics):
@@ -70,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("finetune", train_loop_per_worker, argv, __doc__.splitlines()[0])
+    return training_main("finetune", train_loop_per_worker, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -11,245 +11,52 @@ Every input ends as exactly one of encoded or quarantined (with a reason). What 
 back from the output's shard and quarantine files, which are written whole (temp + rename, or a
 single S3 PUT) and named after the clips they hold, so a rerun after a kill skips finished clips
 and never writes a clip twice. Exit status 0 means the run completed, quarantined inputs
-included; 1 means the run itself failed.
+included; 2 a user error (one line on stderr: a missing input, a malformed captions file, a bad
+flag or config value); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import os
 import signal
 import sys
 import time
-import traceback
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from pipelines.errors import ArgumentParser, run_main
+from pipelines.startup import init_ray
+from pipelines.tracking import tracking_uri
 from w2svd.config import Config, from_dict, load_config, to_dict
 from w2svd.data import shards, storage
-from w2svd.data.buckets import (
-    Bucket,
-    Rejected,
-    choose_bucket,
-    frame_stride,
-    resize_and_crop,
-    sample_frame_indices,
-    to_model_input,
+from w2svd.data.buckets import to_model_input
+from w2svd.data.clips import decode_clip, list_inputs, precheck, quarantine_record
+from w2svd.data.manifest import (
+    check_same_encoders,
+    read_output_state,
+    summarize,
+    write_manifest,
+    write_quarantine_part,
 )
-from w2svd.data.video import BadInput, count_decodable_frames, decode_image, decode_video, probe_video
-
-# Fault injection for resume tests (single machine): the shard writer SIGKILLs the driver once
-# the output holds this many shards, so the kill lands mid-stream however far the executor has
-# run ahead of the driver.
-KILL_ENV = "W2SVD_PREENCODE_KILL_AFTER_SHARDS"
-
-_IGNORED_DIRS = ("refs",)
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing: which inputs exist, which are already done, which can be rejected without reading.
-
-
-def _read_captions(input_uri: str, cfg: Config, options) -> dict[str, dict]:
-    """captions.jsonl → {video path relative to the input: entry}."""
-    uri = storage.join(input_uri, cfg.data.caption_file)
-    if not storage.exists(uri, options):
-        return {}
-    entries: dict[str, dict] = {}
-    seen_ids: set[str] = set()
-    for number, line in enumerate(storage.read_bytes(uri, options).decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{uri} line {number} is not JSON: {err}") from None
-        if not isinstance(entry, dict) or not entry.get("video"):
-            raise ValueError(f"{uri} line {number} has no 'video' path")
-        clip_id = str(entry.get("clip_id") or _clip_id_for(entry["video"]))
-        if clip_id in seen_ids:
-            raise ValueError(f"{uri} line {number}: clip_id {clip_id!r} appears twice")
-        seen_ids.add(clip_id)
-        entries[str(PurePosixPath(entry["video"]))] = {**entry, "clip_id": clip_id}
-    return entries
-
-
-def _clip_id_for(relpath: str) -> str:
-    return relpath.replace("/", "__")
-
-
-def _input_record(clip_id: str, source_uri: str, size: int, entry: dict | None, input_uri: str) -> dict:
-    entry = entry or {}
-    factors = entry.get("factors")
-    reference = entry.get("reference")
-    return {
-        "clip_id": clip_id,
-        "source_uri": source_uri,
-        "size": int(size),
-        "caption": str(entry.get("caption") or ""),
-        "reference_uri": storage.join(input_uri, reference) if reference else None,
-        "factors": json.dumps(factors) if factors is not None else None,
-    }
-
-
-def list_inputs(input_uri: str, cfg: Config, options) -> list[dict]:
-    """Every input: each file under ``input_uri`` (except the captions file, reference images
-    and ``_``/``.``-prefixed paths) and each captions entry whose video is missing."""
-    entries = _read_captions(input_uri, cfg, options)
-    references = {str(PurePosixPath(e["reference"])) for e in entries.values() if e.get("reference")}
-    root = input_uri.rstrip("/")
-    records, seen = [], set()
-    for f in storage.list_files(root, options):
-        rel = storage.relative(f.uri, root)
-        parts = PurePosixPath(rel).parts
-        if rel == cfg.data.caption_file or rel in references or parts[0] in _IGNORED_DIRS:
-            continue
-        if any(p.startswith((".", "_")) for p in parts):
-            continue
-        entry = entries.get(rel)
-        seen.add(rel)
-        records.append(_input_record(entry["clip_id"] if entry else _clip_id_for(rel), f.uri, f.size, entry, root))
-    for rel, entry in entries.items():
-        if rel not in seen:
-            records.append({**_input_record(entry["clip_id"], storage.join(root, rel), -1, entry, root)})
-    return records
-
-
-def precheck(record: dict, cfg: Config) -> tuple[str, str] | None:
-    """A quarantine reason found without reading the file, or None."""
-    if record["size"] < 0:
-        return "missing_file", "named in the captions file but not present"
-    if record["size"] == 0:
-        return "zero_bytes", "the file is empty"
-    if record["size"] > cfg.data.max_bytes:
-        return "over_size_limit", f"{record['size']} bytes > data.max_bytes = {cfg.data.max_bytes}"
-    if not record["caption"].strip():
-        return "missing_caption", "no caption entry for this file"
-    return None
-
-
-@dataclass
-class OutputState:
-    """What the output already holds, read from the shard and quarantine files themselves."""
-
-    shards: dict[str, list[str]] = field(default_factory=dict)  # shard uri → source uris
-    encoded: dict[str, str] = field(default_factory=dict)  # source uri → clip id
-    quarantined: dict[str, dict] = field(default_factory=dict)  # source uri → record
-    duplicates: list[str] = field(default_factory=list)
-    vae_ids: set[str] = field(default_factory=set)
-    text_encoder_ids: set[str] = field(default_factory=set)
-
-    @property
-    def done(self) -> set[str]:
-        return set(self.encoded) | set(self.quarantined)
-
-
-def read_output_state(output_uri: str, options) -> OutputState:
-    state = OutputState()
-    for f in storage.list_files(storage.join(output_uri, shards.SHARDS_DIR), options):
-        if not f.uri.endswith(".parquet"):
-            continue  # a temp file of an interrupted write
-        fs, path = storage.filesystem(f.uri, options)
-        table = pq.read_table(path, filesystem=fs, columns=["clip_id", "source_uri", "vae_id", "text_encoder_id"])
-        sources = table.column("source_uri").to_pylist()
-        state.shards[f.uri] = sources
-        state.vae_ids.update(table.column("vae_id").to_pylist())
-        state.text_encoder_ids.update(table.column("text_encoder_id").to_pylist())
-        for clip_id, source in zip(table.column("clip_id").to_pylist(), sources):
-            if source in state.encoded:
-                state.duplicates.append(source)
-            state.encoded[source] = clip_id
-    for f in storage.list_files(storage.join(output_uri, shards.QUARANTINE_DIR), options):
-        if not f.uri.endswith(".jsonl"):
-            continue
-        for line in storage.read_bytes(f.uri, options).decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                state.quarantined[record["source_uri"]] = record
-    return state
-
-
-def write_quarantine_part(output_uri: str, records: list[dict], options) -> None:
-    if not records:
-        return
-    name = shards.batch_name([r["source_uri"] for r in records])
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    storage.write_bytes(storage.join(output_uri, shards.QUARANTINE_DIR, f"part-{name}.jsonl"), lines.encode(), options)
-
-
-def _quarantine_record(row: dict, reason: str, detail: str) -> dict:
-    return {"clip_id": row["clip_id"], "source_uri": row["source_uri"], "reason": reason, "detail": detail}
-
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1 (CPU tasks): read, decode, bucket, sample frames, resize and crop.
 
 
-def decode_clip(row: dict, *, cfg_dict: dict, options: storage.StorageOptions) -> dict:
-    cfg = from_dict(Config, cfg_dict)
-    start = time.perf_counter()
-    out = {**row, "status": "ok", "reason": None, "detail": None, "bucket": None, "pixels": None,
-           "pixels_shape": None, "reference_pixels": None, "content_hash": None}
-    try:
-        out.update(_decode(row, cfg, options))
-    except (BadInput, Rejected) as err:
-        out.update(status="quarantined", reason=err.reason, detail=err.detail)
-    out["decode_s"] = time.perf_counter() - start
-    return out
-
-
-def _decode(row: dict, cfg: Config, options) -> dict:
-    d = cfg.data
-    try:
-        data = storage.read_bytes(row["source_uri"], options)
-    except FileNotFoundError:
-        raise BadInput("missing_file", "the file disappeared after listing") from None
-    except OSError as err:
-        raise BadInput("unreadable", f"cannot read the file ({err})") from None
-    info = probe_video(data)
-    if info.duration_s > d.max_seconds:
-        raise Rejected("over_size_limit", f"{info.duration_s:.1f}s > data.max_seconds = {d.max_seconds}")
-    num_frames = info.num_frames or count_decodable_frames(data)
-    if num_frames < d.min_frames:
-        raise Rejected("too_short", f"{num_frames} frames < data.min_frames = {d.min_frames}")
-    bucket = choose_bucket(info.height, info.width, num_frames, [Bucket.from_config(b) for b in d.buckets],
-                           min_side=d.min_side)
-    indices = sample_frame_indices(num_frames, bucket.frames, frame_stride(info.fps, d.fps))
-    frames, _ = decode_video(data, indices)
-    frames = resize_and_crop(frames, bucket.height, bucket.width)
-
-    reference_bytes = None
-    reference = None
-    if d.encode_reference:
-        if row.get("reference_uri"):
-            try:
-                reference_bytes = storage.read_bytes(row["reference_uri"], options)
-            except OSError as err:
-                raise BadInput("bad_reference", f"cannot read {row['reference_uri']} ({err})") from None
-            reference = resize_and_crop(decode_image(reference_bytes)[None], bucket.height, bucket.width)[0]
-        else:
-            reference = frames[0]
-    return {
-        "bucket": bucket.name,
-        "frames": bucket.frames,
-        "height": bucket.height,
-        "width": bucket.width,
-        "pixels": frames.tobytes(),
-        "pixels_shape": list(frames.shape),
-        "reference_pixels": None if reference is None else reference.tobytes(),
-        "content_hash": shards.content_hash(data, row["caption"], reference_bytes),
-    }
+def decode_task(row: dict, *, cfg_dict: dict, options: storage.StorageOptions) -> dict:
+    return decode_clip(row, from_dict(Config, cfg_dict), options)
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2 (actor pool): VAE and text encoders, loaded once per actor.
+
+
+# The fields of a decoded row that go into its shard row unchanged.
+ROW_FIELDS = ("clip_id", "source_uri", "caption", "bucket", "frames", "height", "width", "content_hash", "factors")
 
 
 class EncodeClips:
@@ -264,7 +71,6 @@ class EncodeClips:
         self.encode_reference = cfg.data.encode_reference
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import numpy as np
 
         start = time.perf_counter()
         rows = batch.to_pylist()
@@ -286,13 +92,10 @@ class EncodeClips:
                 ])
                 images = self.encoder.encode_video(refs_BCTHW)
             for i, r in enumerate(group):
-                r["latent"], r["latent_shape"], r["latent_dtype"] = shards.tensor_to_bytes(latents[i])
-                r["text"], r["text_shape"], _ = shards.tensor_to_bytes(text[i].to(latents.dtype))
-                r["text_mask"] = shards.tensor_to_bytes(mask[i].bool())[0]
-                r["pooled"], r["pooled_shape"], _ = shards.tensor_to_bytes(pooled[i].to(latents.dtype))
-                if images is not None:
-                    r["image_latent"], r["image_latent_shape"], _ = shards.tensor_to_bytes(images[i].to(latents.dtype))
-                r["vae_id"], r["text_encoder_id"] = self.encoder.vae_id, self.encoder.text_encoder_id
+                r.update(shards.encoded_row(
+                    **{k: r.get(k) for k in ROW_FIELDS}, latent=latents[i], text=text[i], text_mask=mask[i],
+                    pooled=pooled[i], image_latent=None if images is None else images[i],
+                    vae_id=self.encoder.vae_id, text_encoder_id=self.encoder.text_encoder_id))
         elapsed = time.perf_counter() - start
         for r in rows:
             r.pop("pixels", None)
@@ -313,17 +116,13 @@ def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOpt
     start = time.perf_counter()
     rows = batch.to_pylist()
     encoded = [r for r in rows if r["status"] == "ok"]
-    rejected = [_quarantine_record(r, r["reason"], r["detail"]) for r in rows if r["status"] != "ok"]
+    rejected = [quarantine_record(r, r["reason"], r["detail"]) for r in rows if r["status"] != "ok"]
     shard_uri = ""
     if encoded:
         assert all(r.get("latent") is not None and r.get("vae_id") for r in encoded), "encoded row without latents"
-        table = pa.Table.from_pylist([{name: r.get(name) for name in shards.SHARD_SCHEMA.names} for r in encoded],
-                                     schema=shards.SHARD_SCHEMA)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
         shard_uri = storage.join(output_uri, shards.SHARDS_DIR,
                                  f"shard-{shards.batch_name([r['source_uri'] for r in encoded])}.parquet")
-        storage.write_bytes(shard_uri, sink.getvalue(), options)
+        storage.write_bytes(shard_uri, shards.shard_bytes(encoded), options)
     write_quarantine_part(output_uri, rejected, options)
     if kill_driver:
         driver_pid, after = kill_driver
@@ -345,26 +144,22 @@ def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOpt
 # Driver
 
 
-@dataclass
-class RunResult:
-    summary: dict
-    exit_code: int
-
-
 def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.StorageOptions | None = None,
-        log=print) -> RunResult:
+        inputs: list[dict] | None = None, log=print) -> dict:
+    """Pre-encode every input not done yet (``inputs``: ``list_inputs`` of ``input_uri``, listed
+    here when not given); returns the summary (also in ``_summary.json``)."""
     options = options or storage.StorageOptions.from_env(cfg.data.s3_endpoint)
     wall_start = time.perf_counter()
-    inputs = list_inputs(input_uri, cfg, options)
+    inputs = list_inputs(input_uri, cfg, options) if inputs is None else inputs
     state = read_output_state(output_uri, options)
-    _check_same_encoders(state, cfg, output_uri)
+    check_same_encoders(state, cfg, output_uri)
     done = state.done
     todo = [r for r in inputs if r["source_uri"] not in done]
     log(f"[preencode] {len(inputs)} inputs under {input_uri}; {len(inputs) - len(todo)} already done in "
         f"{output_uri}; {len(todo)} to process")
 
     early = [(r, precheck(r, cfg)) for r in todo]
-    rejected_now = [_quarantine_record(r, *why) for r, why in early if why]
+    rejected_now = [quarantine_record(r, *why) for r, why in early if why]
     write_quarantine_part(output_uri, rejected_now, options)
     pending = [r for r, why in early if not why]
 
@@ -394,14 +189,14 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
     storage.write_bytes(storage.join(output_uri, shards.QUARANTINE_FILE),
                         "".join(json.dumps(r) + "\n" for r in state.quarantined.values()).encode(), options)
     storage.write_bytes(storage.join(output_uri, shards.SUMMARY), json.dumps(summary, indent=2).encode(), options)
-    return RunResult(summary, 0)
+    return summary
 
 
 def build_dataset(pending: list[dict], output_uri: str, cfg: Config, options) -> ray.data.Dataset:
     d, cfg_dict = cfg.data, to_dict(cfg)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and d.encoder_num_gpus > 0
     ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), 200)))
-    ds = ds.map(decode_clip, fn_kwargs={"cfg_dict": cfg_dict, "options": options}, num_cpus=d.decode_num_cpus)
+    ds = ds.map(decode_task, fn_kwargs={"cfg_dict": cfg_dict, "options": options}, num_cpus=d.decode_num_cpus)
     ds = ds.map_batches(
         EncodeClips,
         fn_constructor_kwargs={"cfg_dict": cfg_dict, "options": options},
@@ -411,77 +206,20 @@ def build_dataset(pending: list[dict], output_uri: str, cfg: Config, options) ->
         num_cpus=d.encoder_num_cpus,
         num_gpus=d.encoder_num_gpus if use_gpu else 0,
     )
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    kill_after = cfg.debug.kill_preencode_after_shards
     kill_driver = (os.getpid(), kill_after) if kill_after else None
     return ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options,
                                                   "kill_driver": kill_driver},
                           batch_size=d.shard_rows, batch_format="pyarrow", num_cpus=0.25)
 
 
-def _check_same_encoders(state: OutputState, cfg: Config, output_uri: str) -> None:
-    if not state.vae_ids:
-        return
-    from w2svd.models.encoders import encoder_ids
-
-    vae_id, text_id = encoder_ids(cfg)
-    if state.vae_ids != {vae_id} or state.text_encoder_ids != {text_id}:
-        raise ValueError(
-            f"{output_uri} already holds shards from other encoders (vae {sorted(state.vae_ids)}, text "
-            f"{sorted(state.text_encoder_ids)}); this config uses vae {vae_id!r}, text {text_id!r}. "
-            "Use a new output URI."
-        )
-
-
-def summarize(inputs: list[dict], state: OutputState, stage_s: Counter, wall_s: float,
-              encoded_now: int, quarantined_now: int, decoded_now: int) -> dict:
-    sources = [r["source_uri"] for r in inputs]
-    encoded = [s for s in sources if s in state.encoded]
-    quarantined = [state.quarantined[s] for s in sources if s in state.quarantined and s not in state.encoded]
-    missing = [s for s in sources if s not in state.encoded and s not in state.quarantined]
-    if missing:
-        raise RuntimeError(f"{len(missing)} inputs ended neither encoded nor quarantined, e.g. {missing[:3]}")
-    if state.duplicates:
-        raise RuntimeError(f"clips written twice: {state.duplicates[:5]}")
-    by_reason = dict(sorted(Counter(q["reason"] for q in quarantined).items()))
-    per_stage = {
-        name.removesuffix("_s"): {"busy_s": round(stage_s[name], 3),
-                                  "clips_per_busy_s": round(decoded_now / stage_s[name], 3) if stage_s[name] else None}
-        for name in ("decode_s", "encode_s", "write_s")
-    }
-    return {
-        "total": len(sources),
-        "encoded": len(encoded),
-        "quarantined": len(quarantined),
-        "by_reason": by_reason,
-        "this_run": {"encoded": encoded_now, "quarantined": quarantined_now, "wall_s": round(wall_s, 3),
-                     "clips_per_s": round((encoded_now + quarantined_now) / wall_s, 3) if wall_s else None,
-                     "stages": per_stage},
-        "shards": len(state.shards),
-    }
-
-
-def write_manifest(output_uri: str, state: OutputState, inputs: list[dict], cfg: Config, options,
-                   final: bool) -> None:
-    manifest = {
-        "complete": final and all(r["source_uri"] in state.done for r in inputs),
-        "shards": [{"uri": uri, "rows": len(sources)} for uri, sources in sorted(state.shards.items())],
-        "encoded": dict(sorted(state.encoded.items())),
-        "quarantined": sorted(state.quarantined),
-        "vae_id": sorted(state.vae_ids),
-        "text_encoder_id": sorted(state.text_encoder_ids),
-        "buckets": [to_dict(b) for b in cfg.data.buckets],
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    storage.write_bytes(storage.join(output_uri, shards.MANIFEST), json.dumps(manifest, indent=1).encode(), options)
-
-
 def log_to_mlflow(cfg: Config, summary: dict, input_uri: str, output_uri: str, log=print) -> None:
-    tracking_uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
+    uri = tracking_uri(cfg)
+    if not uri:
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     with mlflow.start_run(run_name="preencode"):
         mlflow.log_params({"stage": "preencode", "input": input_uri, "output": output_uri, "config": cfg.name,
@@ -498,56 +236,42 @@ def log_to_mlflow(cfg: Config, summary: dict, input_uri: str, output_uri: str, l
                 metrics[f"{stage}.clips_per_busy_s"] = values["clips_per_busy_s"]
         mlflow.log_metrics(metrics)
         mlflow.log_dict(summary, "preencode_summary.json")
-    log(f"[preencode] logged to MLflow at {tracking_uri}")
+    log(f"[preencode] logged to MLflow at {uri}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="w2svd preencode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="w2svd preencode", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix with clips and captions.jsonl")
     p.add_argument("--output", required=True, help="folder or s3://bucket/prefix for the shards")
     p.add_argument("--config", default="debug", help="config name or YAML path")
-    p.add_argument("--num-cpus", type=float, default=None,
+    p.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs when starting a local Ray (default: max(4, cores))")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shard_rows=16")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
         cfg = load_config(args.config, args.overrides)
-    except ValueError as err:
-        print(f"w2svd preencode: {err}", file=sys.stderr)
-        return 2
-    started_ray = False
-    try:
-        if not ray.is_initialized():
-            # Stages hold fractional CPUs; on a 2-core box more logical CPUs than cores keeps the
-            # decode tasks and the encoder actors from starving each other.
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(log_to_driver=False)
-            else:
-                ray.init(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                         log_to_driver=False)
-            started_ray = True
-        result = run(args.input, args.output, cfg)
-        summary = result.summary
+        options = storage.StorageOptions.from_env(cfg.data.s3_endpoint)
+        inputs = list_inputs(args.input, cfg, options)  # a missing or empty input fails before Ray starts
+        started_ray = init_ray(num_cpus=args.num_cpus)
+        try:
+            summary = run(args.input, args.output, cfg, options=options, inputs=inputs)
+        finally:
+            if started_ray:
+                ray.shutdown()
         print(json.dumps({k: summary[k] for k in ("total", "encoded", "quarantined", "by_reason")}), flush=True)
         try:
             log_to_mlflow(cfg, summary, args.input, args.output)
-        except Exception as err:  # the shards are written; a tracking outage must not fail the run
+        except Exception as err:  # noqa: BLE001 - the shards are written; a tracking outage must not fail the run
             print(f"[preencode] warning: MLflow logging failed: {err}", file=sys.stderr)
         n = summary["quarantined"]
         print(f"completed with {n} quarantined inputs" if n else "completed", flush=True)
-        return result.exit_code
-    except Exception as err:
-        traceback.print_exc()
-        print(f"[preencode] run failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if started_ray:
-            ray.shutdown()
+        return 0
+
+    return run_main("w2svd preencode", body)
 
 
 if __name__ == "__main__":

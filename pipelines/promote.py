@@ -16,13 +16,13 @@ the absolute bounds alone. Every champion move is appended to the model tag ``ch
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
-from pipelines.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, register_export, resolve_tracking_uri
+from pipelines.errors import ArgumentParser, run_main
+from pipelines.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, RegisteredVersion, register_export
+from pipelines.tracking import registry_uri
 from w2svd.config import Config, load_config
 from w2svd.gates import Decision, decide
 
@@ -36,12 +36,12 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _alias_version(client, name: str, alias: str):
+def _alias_version(client, name: str, alias: str) -> RegisteredVersion | None:
     """The version behind ``alias``, or None when the alias is not set (other errors propagate)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return RegisteredVersion.of(client.get_model_version_by_alias(name, alias))
     except MlflowException as err:
         if "not found" in err.message.lower() or err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
@@ -86,14 +86,9 @@ def evaluate_versions(client, versions: dict, cfg: Config, tracking_uri: str, re
                       log=print) -> dict[str, dict]:
     """label → metrics for label → ModelVersion, evaluating (together) only those whose recorded
     numbers are missing or come from another evaluation set."""
-    from pipelines.evaluate import (
-        cached_metrics,
-        ensure_domain_encoder,
-        evaluate_sources,
-        model_source,
-        record_on_version,
-    )
+    from pipelines.evaluate import cached_metrics, evaluate_sources, model_source, record_on_version
     from w2svd.evalset import build_evalset
+    from w2svd.metrics.domain import ensure_domain_encoder
 
     _, encoder_sha = ensure_domain_encoder(cfg.eval)
     fingerprint = build_evalset(cfg.eval).with_domain_encoder(encoder_sha).fingerprint()
@@ -117,7 +112,7 @@ def evaluate_versions(client, versions: dict, cfg: Config, tracking_uri: str, re
 
 def promote(name: str, cfg: Config, tracking_uri: str | None = None, dry_run: bool = False,
             reevaluate: bool = False, log=print) -> PromotionResult:
-    tracking_uri = resolve_tracking_uri(tracking_uri, cfg)
+    tracking_uri = registry_uri(cfg, tracking_uri)
     client = _client(tracking_uri)
     _require_model(client, name)
     challenger = _alias_version(client, name, CHALLENGER)
@@ -171,7 +166,7 @@ def promote(name: str, cfg: Config, tracking_uri: str | None = None, dry_run: bo
 
 def rollback(name: str, tracking_uri: str | None = None, log=print) -> tuple[str, str]:
     """Point ``champion`` back at the version before the current one; returns (from, to)."""
-    client = _client(resolve_tracking_uri(tracking_uri))
+    client = _client(registry_uri(explicit=tracking_uri))
     _require_model(client, name)
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
@@ -197,61 +192,63 @@ def rollback(name: str, tracking_uri: str | None = None, log=print) -> tuple[str
 # Command line
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: ArgumentParser) -> None:
     p.add_argument("--name", default=DEFAULT_MODEL_NAME, help=f"registered model name (default {DEFAULT_MODEL_NAME})")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, the config's, or ./mlruns)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, "
+                                          "or ./mlruns)")
 
 
 def register_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="w2svd register", description="log an export as a new version (alias challenger)")
+    p = ArgumentParser(prog="w2svd register", description="log an export as a new version (alias challenger)")
     p.add_argument("--export", required=True, help="generator export folder (RUN_DIR/export)")
     p.add_argument("--config", default="debug", help="config naming the tracking URI and experiment")
     _common(p)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    try:
-        version = register_export(args.export, args.name, resolve_tracking_uri(args.tracking_uri, cfg),
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        cfg = load_config(args.config)
+        version = register_export(args.export, args.name, registry_uri(cfg, args.tracking_uri),
                                   experiment=cfg.tracking.experiment)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"w2svd register: {err}", file=sys.stderr)
-        return 2
-    print(f"models:/{args.name}/{version.version}")
-    return 0
+        print(f"models:/{args.name}/{version.version}")
+        return 0
+
+    return run_main("w2svd register", body)
 
 
 def promote_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="w2svd promote", description="move champion to the challenger if the gates hold")
+    p = ArgumentParser(prog="w2svd promote", description="move champion to the challenger if the gates hold")
     _common(p)
     p.add_argument("--config", default="debug", help="config with the evaluation set and promotion.gates")
     p.add_argument("--dry-run", action="store_true", help="evaluate and record the decision, move no alias")
     p.add_argument("--reevaluate", action="store_true", help="ignore metrics already recorded on the versions")
     p.add_argument("--out", help="write the decision and metrics as JSON here")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    try:
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        cfg = load_config(args.config, args.overrides)
         result = promote(args.name, cfg, args.tracking_uri, args.dry_run, args.reevaluate)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"w2svd promote: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"name": result.name, "challenger": result.challenger, "decision": result.decision,
-                       "champion_before": result.champion_before, "champion_after": result.champion_after,
-                       "gates": result.gate.to_dict() if result.gate else None, "metrics": result.metrics}, f, indent=2)
-    return EXIT_REJECTED if result.decision == "rejected" else 0
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"name": result.name, "challenger": result.challenger, "decision": result.decision,
+                           "champion_before": result.champion_before, "champion_after": result.champion_after,
+                           "gates": result.gate.to_dict() if result.gate else None, "metrics": result.metrics},
+                          f, indent=2)
+        return EXIT_REJECTED if result.decision == "rejected" else 0
+
+    return run_main("w2svd promote", body)
 
 
 def rollback_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="w2svd rollback", description="point champion back at the previous version")
+    p = ArgumentParser(prog="w2svd rollback", description="point champion back at the previous version")
     _common(p)
-    args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = p.parse_args(argv)
         rollback(args.name, args.tracking_uri)
-    except ValueError as err:
-        print(f"w2svd rollback: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_main("w2svd rollback", body)
 
 
 main = promote_main

@@ -20,8 +20,7 @@ import ray
 from w2svd.data import shards, storage
 from w2svd.data.shards import LatentBatch, collate_latent_batch
 
-__all__ = ["read_latent_shards", "iter_latent_batches", "split_by_bucket", "collate_latent_batch",
-           "shard_files", "LatentBatch"]
+__all__ = ["read_latent_shards", "iter_latent_batches", "collate_latent_batch", "shard_files", "LatentBatch"]
 
 
 def shard_files(uri: str, options: storage.StorageOptions | None = None) -> list[str]:
@@ -51,12 +50,6 @@ def read_latent_shards(uri: str, buckets: list[str] | None = None, *, options: s
         ds = ds.map_batches(_keep_buckets, fn_kwargs={"buckets": list(buckets)}, batch_format="pyarrow",
                             batch_size=None, zero_copy_batch=True)
     return ds
-
-
-def split_by_bucket(ds: ray.data.Dataset, buckets: list[str]) -> dict[str, ray.data.Dataset]:
-    """One Dataset per bucket name (for per-bucket training loops or uniform-shape batches)."""
-    return {name: ds.map_batches(_keep_buckets, fn_kwargs={"buckets": [name]}, batch_format="pyarrow",
-                                 batch_size=None, zero_copy_batch=True) for name in buckets}
 
 
 def iter_latent_batches(ds, batch_size: int, *, drop_last: bool = False, prefetch_batches: int = 1,

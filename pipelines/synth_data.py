@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from pipelines.errors import ArgumentParser, run_main
 from w2svd.data import storage, synth
 
 
@@ -33,9 +34,9 @@ def _numbers(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="w2svd synth-data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="w2svd synth-data", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
     p.add_argument("--clips", type=int, required=True, help="number of clips")
     p.add_argument("--seed", type=int, default=0)
@@ -51,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main("w2svd synth-data", lambda: _run(build_parser().parse_args(argv)))
+
+
+def _run(args) -> int:
     if args.clips < 1:
-        print("w2svd synth-data: --clips must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--clips must be >= 1")
     options = storage.StorageOptions.from_env(args.endpoint)
     start = time.perf_counter()
 

@@ -13,7 +13,7 @@ from w2svd import rng
 from w2svd.distill import Backward, _plain_backward
 from w2svd.losses import consistency_loss, flow_matching_loss
 from w2svd.models.base import Cond
-from w2svd.roles import View, guided_velocity
+from w2svd.roles import Guidance, View, guided_velocity, student_guidance
 from w2svd.schedule import add_noise, euler_step, teacher_sigmas, x0_from_velocity
 
 
@@ -25,13 +25,14 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
 
 
 def lcm_step(student: View, target: View, teacher: View, x_gt: torch.Tensor, cond: Cond, *,
-             teacher_steps: int, shift: float, guidance_mode: str = "none", guidance_scale: float = 1.0,
+             teacher_steps: int, shift: float, guidance: Guidance = Guidance(),
              backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
     """One consistency-distillation step on the teacher's N-step Euler grid.
 
     x_{n+1} = noised x_gt at s_{n+1};  x_n = Euler step of the (guided) teacher to s_n
     L = mean((f_θ(x_{n+1}, s_{n+1}) − f_θ⁻(x_n, s_n))²),  f(x, s) = x − s·v(x, s)
-    f(x, 0) = x holds by construction, the consistency boundary condition.
+    f(x, 0) = x holds by construction, the consistency boundary condition. The teacher runs
+    at full guidance; student and target at ``student_guidance``, as the student is served.
     """
     grid = teacher_sigmas(teacher_steps, shift).to(x_gt.device)
     batch = x_gt.shape[0]
@@ -40,11 +41,13 @@ def lcm_step(student: View, target: View, teacher: View, x_gt: torch.Tensor, con
     eps = rng.randn_like(x_gt, generator)
     x_hi = add_noise(x_gt, eps, s_hi)
     with torch.no_grad():
-        v_teacher = guided_velocity(teacher, x_hi, s_hi, cond, guidance_mode, guidance_scale)
+        v_teacher = guided_velocity(teacher, x_hi, s_hi, cond, guidance.mode, guidance.scale)
         x_lo = euler_step(x_hi, v_teacher, s_hi, s_lo)
-        target_x0 = x0_from_velocity(x_lo, target(x_lo, s_lo, cond), s_lo)
+        target_x0 = x0_from_velocity(x_lo, guided_velocity(target, x_lo, s_lo, cond, *student_guidance(guidance)),
+                                     s_lo)
     with student.scope():
-        pred_x0 = x0_from_velocity(x_hi, student(x_hi, s_hi, cond), s_hi)
+        v_student = guided_velocity(student, x_hi, s_hi, cond, *student_guidance(guidance))
+        pred_x0 = x0_from_velocity(x_hi, v_student, s_hi)
         loss = consistency_loss(pred_x0, target_x0)
         backward(loss)
     return {"lcm/consistency": loss.item()}

@@ -183,8 +183,6 @@ class HealthConfig:
     sample_std_band: list[float] = field(default_factory=lambda: [0.2, 5.0])
     # Any loss above this (e.g. a diverging fake-score loss) counts as out of band.
     loss_max: float = 1.0e4
-    # Test hook: make every loss NaN at this step (once; -1 = never).
-    inject_nan_at_step: int = -1
 
 
 @dataclass
@@ -197,8 +195,9 @@ class ParallelConfig:
     max_failures: int = 3
     # Read the latent Dataset once into the object store (small data sets; no re-read per epoch).
     materialize_data: bool = False
-    # Test hook: rank 1 (or 0 with one worker) raises at this step of a fresh run (-1 = never).
-    fail_at_step: int = -1
+    # ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); 0 partitions every parameter.
+    zero3_persistence_threshold: int = 100_000
 
 
 @dataclass
@@ -209,17 +208,6 @@ class TrackingConfig:
     system_metrics: bool = True
     # Validation videos every optim.sample_every steps (mp4 artifacts samples/step_NNNNNN.mp4).
     log_samples: bool = True
-
-
-@dataclass
-class ServeConfig:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    num_replicas: int = 1
-    model_uri: str = "models:/w2svd-generator@champion"
-    max_frames: int = 129
-    max_side: int = 960
-    max_batch_size: int = 4
 
 
 @dataclass
@@ -278,6 +266,19 @@ class PromotionConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for the tests of resume and rollback; never set on a real run."""
+
+    # Rank 1 (or 0 with one worker) raises at this step of a fresh run (-1 = never).
+    fail_at_step: int = -1
+    # Every loss of this step is NaN, once per run (-1 = never).
+    nan_at_step: int = -1
+    # Pre-encode: the shard writer SIGKILLs the driver once the output holds this many shards
+    # (0 = never), so the kill lands mid-stream however far Ray Data ran ahead.
+    kill_preencode_after_shards: int = 0
+
+
+@dataclass
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -287,9 +288,9 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +491,7 @@ def validate(cfg: Config) -> None:
     _check(sum(a.rope_axes_dim) == a.attention_head_dim,
            f"model.arch.rope_axes_dim {a.rope_axes_dim} must sum to attention_head_dim {a.attention_head_dim}")
     _check(p.num_workers >= 1, "parallel.num_workers must be >= 1")
+    _check(p.zero3_persistence_threshold >= 0, "parallel.zero3_persistence_threshold must be >= 0")
     _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage}; choose one of [0, 1, 2, 3]")
     for b in cfg.data.buckets:
         _check((b.frames - 1) % 4 == 0, f"data.buckets[{b.name}].frames = {b.frames} must be 4k+1 (VAE constraint)")

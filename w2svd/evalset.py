@@ -108,9 +108,3 @@ def domain_training_clips(cfg: EvalConfig) -> tuple[torch.Tensor, list[dict]]:
 def item_noise(item: EvalItem, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """The starting noise ``latent_shape`` (``[C, T', h, w]``) of one item, from its seed alone."""
     return rng.randn(latent_shape, torch.Generator().manual_seed(item.seed))
-
-
-def clips_from_pixels(video_BCTHW: torch.Tensor) -> torch.Tensor:
-    """Decoder output in [-1, 1] ``[B, 3, T, H, W]`` → uint8 ``[B, T, H, W, 3]``."""
-    x = ((video_BCTHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 4, 1).contiguous()

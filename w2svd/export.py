@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from w2svd.config import Config, ModelConfig, to_yaml
 from w2svd.models.base import Cond
 from w2svd.models.hunyuan import HunyuanVideoBackbone, build_backbone, save_backbone
-from w2svd.roles import View, guided_velocity, lora_layers
+from w2svd.roles import Guidance, View, guided_velocity, lora_layers, student_guidance
 from w2svd.sampling import sample
 from w2svd.schedule import student_sigmas
 
@@ -81,8 +81,7 @@ def sampler_settings_for(cfg: Config, role: str = "generator") -> SamplerSetting
         steps, mode, guidance, scale, method = m.teacher_steps, "euler", m.guidance, m.guidance_scale, "finetune"
     elif role == "generator":
         steps, mode, method = m.student_steps, m.sampler, m.name
-        # The student keeps an embedded guidance input; a CFG teacher's student runs conditional only.
-        guidance, scale = (m.guidance, m.guidance_scale) if m.guidance == "embedded" else ("none", 1.0)
+        guidance, scale = student_guidance(Guidance.from_config(m))
     else:
         raise ValueError(f"role {role!r}; choose 'generator' or 'teacher'")
     return SamplerSettings(
@@ -179,8 +178,7 @@ def load_generator(folder: str | os.PathLike, device: str | torch.device | None 
     if folder.startswith("s3://"):
         from w2svd.data import storage
 
-        cache = cache_dir or os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd"
-        local = storage.copy_to_local(folder, Path(cache) / "exports")
+        local = storage.copy_to_local(folder, cache_dir)
     else:
         local = Path(folder).expanduser()
     sampler_path = local / SAMPLER_FILE
@@ -197,13 +195,20 @@ def load_generator(folder: str | os.PathLike, device: str | torch.device | None 
 
 
 @torch.no_grad()
-def generate_latents(backbone: HunyuanVideoBackbone, settings: SamplerSettings, cond: Cond,
-                     noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample latents ``[B, C, T, H, W]`` from ``noise`` with the export's own sampler settings."""
-    view = View(backbone)
+def sample_latents(view: View, settings: SamplerSettings, cond: Cond, noise: torch.Tensor,
+                   generator=None) -> torch.Tensor:
+    """Latents ``[B, C, T, H, W]`` from ``noise`` with sampler ``settings``: how an export is
+    served and how a training run draws its validation samples (one rule for both). ``generator``
+    may be one generator or one per sample (``w2svd.rng``)."""
     sigmas = torch.tensor(settings.sigmas, dtype=torch.float32)
 
     def velocity(x, s_B):
         return guided_velocity(view, x, s_B, cond, settings.guidance_mode, settings.guidance_scale)
 
     return sample(velocity, noise, sigmas, settings.mode, generator)
+
+
+def generate_latents(backbone: HunyuanVideoBackbone, settings: SamplerSettings, cond: Cond,
+                     noise: torch.Tensor, generator=None) -> torch.Tensor:
+    """``sample_latents`` of a plain (exported) backbone."""
+    return sample_latents(View(backbone), settings, cond, noise, generator)

@@ -150,6 +150,18 @@ class Guidance:
     scale: float = 1.0
     fake_scale: float = 1.0
 
+    @classmethod
+    def from_config(cls, method_cfg) -> Guidance:
+        return cls(method_cfg.guidance, method_cfg.guidance_scale, method_cfg.fake_guidance_scale)
+
+
+def student_guidance(guidance: Guidance) -> tuple[str, float]:
+    """The guidance a few-step student (W2SVD, DMD2 or LCM generator) runs at, in training,
+    validation and serving alike: an embedded-guidance model keeps the teacher's guidance input
+    at the real score's scale; a CFG model's student runs conditional only (one evaluation per
+    step is the point of distillation)."""
+    return (guidance.mode, guidance.scale) if guidance.mode == "embedded" else ("none", 1.0)
+
 
 def guided_velocity(view: View, x, sigma_B, cond: Cond, mode: str, scale: float) -> torch.Tensor:
     """The velocity of ``view`` under guidance ``scale``.
@@ -210,14 +222,8 @@ class Roles(nn.Module):
         return self._generator_params
 
     # -- evaluations -------------------------------------------------------------------------
-    def _generator_guidance(self) -> tuple[str, float]:
-        # An embedded-guidance student keeps the teacher's guidance input; a CFG student runs
-        # conditional only (one evaluation per step is the point of distillation).
-        g = self.guidance
-        return (g.mode, g.scale) if g.mode == "embedded" else ("none", 1.0)
-
     def generator_velocity(self, x, sigma_B, cond: Cond) -> torch.Tensor:
-        return guided_velocity(self.generator, x, sigma_B, cond, *self._generator_guidance())
+        return guided_velocity(self.generator, x, sigma_B, cond, *student_guidance(self.guidance))
 
     def generator_x0(self, x, sigma_B, cond: Cond) -> torch.Tensor:
         return x0_from_velocity(x, self.generator_velocity(x, sigma_B, cond), sigma_B)
@@ -306,6 +312,6 @@ def build_roles_from_config(teacher: Denoiser, method_cfg) -> Roles:
         teacher, method=m.name, generator=m.generator, alpha_weak=m.alpha_weak,
         alpha_strong=m.alpha_strong, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
         generator_lora_rank=m.generator_lora_rank, lora_targets=m.lora_targets,
-        guidance=Guidance(m.guidance, m.guidance_scale, m.fake_guidance_scale),
+        guidance=Guidance.from_config(m),
         discriminator=m.lambda_gan_gen > 0 or m.lambda_gan_disc > 0,
     )

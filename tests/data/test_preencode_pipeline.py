@@ -162,20 +162,20 @@ def test_broken_inputs_are_quarantined_with_distinct_reasons(ray_local, tmp_path
     assert sorted(r["clip_id"] for r in _rows(str(out))) == ["good-a", "good-b"]
 
 
-def _preencode_subprocess(raw, out, env_extra):
+def _preencode_subprocess(raw, out, *overrides):
     import ray
 
     # A separate driver process on the session's Ray: when it dies, Ray kills its tasks and
     # actors, as it would for a killed job on a cluster.
-    env = {**os.environ, **env_extra, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "pipelines.preencode", "--input", str(raw), "--output", str(out),
-           "data.shard_rows=1", "data.encode_batch_size=1"]
+           "data.shard_rows=1", "data.encode_batch_size=1", *overrides]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_kill_and_rerun_resumes_without_duplicates(ray_local, local_clips, clean_local_run, tmp_path):
     out = tmp_path / "out"
-    killed = _preencode_subprocess(local_clips, out, {preencode.KILL_ENV: "2"})
+    killed = _preencode_subprocess(local_clips, out, "debug.kill_preencode_after_shards=2")
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no cleanup ran
     partial = _rows(str(out))
     assert 2 <= len(partial) < 5, "the kill must land partway"
@@ -201,8 +201,10 @@ def test_kill_and_rerun_resumes_without_duplicates(ray_local, local_clips, clean
 def test_a_failed_run_exits_nonzero(ray_local, tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "captions.jsonl").write_text("{not json\n")
-    assert preencode.main(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")]) == 1
-    assert "captions.jsonl line 1 is not JSON" in capsys.readouterr().err
+    assert preencode.main(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "captions.jsonl line 1 is not JSON" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert preencode.main(["--input", "x", "--output", "y", "data.shard_rows=0"]) == 2
 
 

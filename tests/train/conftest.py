@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.train_common import write_synthetic_latents
 from w2svd.config import load_config
+from w2svd.data.synthetic_latents import write_synthetic_latents
 
 
 def write_latent_shards(uri: str) -> str:

@@ -94,6 +94,8 @@ def to_model_input(frames_THWC: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames_THWC.astype(np.float32)).permute(3, 0, 1, 2).div_(127.5).sub_(1.0)
 
 
-def from_model_output(video_CTHW: torch.Tensor) -> np.ndarray:
-    """float ``[3, T, H, W]`` in [-1, 1] → uint8 ``[T, H, W, 3]``."""
-    return video_CTHW.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+def clips_from_model_output(video_BCTHW: torch.Tensor) -> torch.Tensor:
+    """Decoder output, float ``[B, 3, T, H, W]`` in [-1, 1] → uint8 clips ``[B, T, H, W, 3]``
+    (the inverse of ``to_model_input``; values outside [-1, 1] are clipped)."""
+    x = ((video_BCTHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).contiguous().cpu()

@@ -114,6 +114,38 @@ def joined_bytes_to_batch(joined, rows: int, shape, dtype: str) -> torch.Tensor:
     return flat.view(torch_dtype).reshape(rows, *shape)
 
 
+def encoded_row(*, clip_id: str, source_uri: str, caption: str, bucket: str, frames: int, height: int,
+                width: int, latent: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor,
+                vae_id: str, text_encoder_id: str, content_hash: str, image_latent: torch.Tensor | None = None,
+                factors: str | None = None) -> dict:
+    """One shard row (``SHARD_SCHEMA``) from the tensors of one clip. Text, pooled and image
+    latents are stored in the latent's dtype; the mask as bool."""
+    row = {"clip_id": clip_id, "source_uri": source_uri, "caption": caption, "bucket": bucket, "frames": frames,
+           "height": height, "width": width, "vae_id": vae_id, "text_encoder_id": text_encoder_id,
+           "content_hash": content_hash, "factors": factors if factors is not None else "{}",
+           "image_latent": None, "image_latent_shape": None}
+    row["latent"], row["latent_shape"], row["latent_dtype"] = tensor_to_bytes(latent)
+    row["text"], row["text_shape"], _ = tensor_to_bytes(text.to(latent.dtype))
+    row["text_mask"] = tensor_to_bytes(text_mask.bool())[0]
+    row["pooled"], row["pooled_shape"], _ = tensor_to_bytes(pooled.to(latent.dtype))
+    if image_latent is not None:
+        row["image_latent"], row["image_latent_shape"], _ = tensor_to_bytes(image_latent.to(latent.dtype))
+    return row
+
+
+def shard_bytes(rows: list[dict]) -> bytes:
+    """Rows → the bytes of one Parquet shard (columns of ``SHARD_SCHEMA`` only)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{name: r.get(name) for name in SHARD_SCHEMA.names} for r in rows],
+                                 schema=SHARD_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
 def content_hash(video_bytes: bytes, caption: str, reference_bytes: bytes | None = None) -> str:
     h = hashlib.sha256(video_bytes)
     h.update(b"\0caption\0" + caption.encode())

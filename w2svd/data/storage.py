@@ -8,12 +8,17 @@ environment (a Ray cluster started before the variables were set).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+# What a bucket mirror recorded of each object (size, mtime), to notice a rewritten object.
+LISTING_FILE = ".listing.json"
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,6 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         f.write(data)
 
 
-def delete(uri: str, options: StorageOptions | None = None) -> None:
-    fs, path = filesystem(uri, options)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        fs.delete_file(path)
-
-
 @dataclass(frozen=True)
 class FileEntry:
     uri: str
@@ -127,28 +126,66 @@ def list_files(uri: str, options: StorageOptions | None = None) -> list[FileEntr
     return sorted(files, key=lambda e: e.uri)
 
 
-def copy_to_local(uri: str, cache_dir: str | Path, options: StorageOptions | None = None) -> Path:
-    """A local folder holding ``uri``'s files: ``uri`` itself when local, else a copy in
-    ``cache_dir`` (kept between calls, so model folders in a bucket download once)."""
+def cache_dir(*parts: str) -> Path:
+    """The project's local cache: ``$W2SVD_CACHE_DIR`` (default ``~/.cache/w2svd``), then ``parts``.
+    Bucket copies of model folders, trained metric encoders and downloads all live under it."""
+    root = Path(os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd").expanduser()
+    return root.joinpath(*parts)
+
+
+def copy_to_local(uri: str, cache_root: str | Path | None = None, options: StorageOptions | None = None,
+                  include: Callable[[str], bool] | None = None) -> Path:
+    """A local folder holding ``uri``'s files: ``uri`` itself when local, else a mirror at
+    ``<cache_root>/s3/<bucket>/<prefix>`` (``cache_root`` defaults to ``cache_dir()``).
+
+    The bucket is listed on every call and a file is fetched again when its size or
+    modification time differs from what the mirror recorded, so a model folder downloads once
+    and a rewritten object is noticed. ``include(relative_path)`` limits what is copied (a
+    config-only copy for building a model on the meta device). Each file lands through a
+    temporary name, so an interrupted copy is never taken for a whole one.
+    """
     if not is_s3(uri):
         local = Path(filesystem(uri)[1])
         if not local.exists():
             raise FileNotFoundError(f"{uri} does not exist")
         return local
-    target = Path(cache_dir) / uri[len("s3://"):].rstrip("/")
-    done = target / ".complete"
-    if done.exists():
-        return target
-    files = list_files(uri, options)
-    if not files:
+    target = Path(cache_root or cache_dir()) / "s3" / uri[len("s3://"):].rstrip("/")
+    fs, root = filesystem(uri, options)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri} holds no files")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for entry in files:
-        dest = partial / relative(entry.uri, uri.rstrip("/"))
+    remote = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    wanted = [(i, i.path[len(root):].lstrip("/")) for i in remote]
+    wanted = [(i, rel) for i, rel in wanted if include is None or include(rel)]
+    if not wanted:
+        raise FileNotFoundError(f"{uri} holds no files" + (" that are wanted here" if remote else ""))
+    listing_file = target / LISTING_FILE
+    seen = json.loads(listing_file.read_text()) if listing_file.is_file() else {}
+    for entry, rel in wanted:
+        stamp = [entry.size, entry.mtime_ns]
+        dest = target / rel
+        if dest.is_file() and seen.get(rel) == stamp:
+            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(entry.uri, options))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    done.touch()
+        partial = dest.with_name(dest.name + ".partial")
+        with fs.open_input_stream(entry.path) as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 22)
+        partial.replace(dest)
+        seen[rel] = stamp
+        listing_file.write_text(json.dumps(seen))
     return target
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> dict | None:
+    """The JSON object at ``uri``, or None when there is none."""
+    return json.loads(read_bytes(uri, options)) if exists(uri, options) else None
+
+
+def write_json(uri: str, value: dict, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, json.dumps(value, indent=2).encode(), options)
+
+
+def upload_folder(local: Path, uri: str, options: StorageOptions | None = None) -> None:
+    """Every file under the local folder ``local`` to the same relative path under ``uri``."""
+    for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        write_bytes(join(uri, path.relative_to(local).as_posix()), path.read_bytes(), options)

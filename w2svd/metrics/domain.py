@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from w2svd.config import EvalConfig
 from w2svd.metrics.clips import to_float_BCTHW
 from w2svd.metrics.weights import read_bytes, require_weights
 
@@ -184,3 +185,26 @@ def train_domain_encoder(
         opt.step()
         losses.append(float(loss.detach()))
     return enc.eval(), losses
+
+
+def ensure_domain_encoder(cfg: EvalConfig, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(path_or_uri, sha256)`` of the domain encoder: the configured file, or one trained here on
+    synthetic clips (deterministic for given settings, cached, reused by later evaluations)."""
+    from w2svd.data.storage import cache_dir as default_cache
+    from w2svd.evalset import domain_training_clips
+
+    if cfg.domain_encoder:
+        DomainVideoEncoder.from_path(cfg.domain_encoder)  # fails early, naming the missing file
+        return cfg.domain_encoder, hashlib.sha256(read_bytes(cfg.domain_encoder)).hexdigest()
+    recipe = {"clips": cfg.domain_train_clips, "steps": cfg.domain_train_steps, "features": cfg.domain_num_features,
+              "factor_seed": cfg.factor_seed, "size": [cfg.num_frames, cfg.height, cfg.width, cfg.fps]}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir or default_cache()) / "domain-encoders" / f"domain-{key}.safetensors"
+    if not path.is_file():
+        clips, factors = domain_training_clips(cfg)
+        encoder, _ = train_domain_encoder(clips, factors, steps=cfg.domain_train_steps, batch_size=8,
+                                          num_features=cfg.domain_num_features, width=8, size=32, frames=8)
+        tmp = path.with_suffix(".partial")
+        encoder.save(tmp)
+        tmp.replace(path)  # a half-written file is never taken for a trained encoder
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()

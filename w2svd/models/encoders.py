@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,13 +28,9 @@ CLIP_MAX_LENGTH = 77
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("W2SVD_MODEL_CACHE", Path.home() / ".cache" / "w2svd" / "models"))
-
-
 def resolve_weights(uri: str, options: storage.StorageOptions | None = None) -> Path:
-    """A local folder with the weights at ``uri`` (a bucket folder is downloaded once)."""
-    return storage.copy_to_local(uri, _cache_dir(), options)
+    """A local folder with the weights at ``uri`` (a bucket folder is mirrored once)."""
+    return storage.copy_to_local(uri, options=options)
 
 
 @contextlib.contextmanager

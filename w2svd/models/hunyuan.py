@@ -16,7 +16,6 @@ injected into ``backbone.transformer`` and diffusers' own gradient checkpointing
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from diffusers import HunyuanVideoTransformer3DModel
 from torch import nn
 
 from w2svd.config import ModelConfig, TransformerArch
+from w2svd.data import storage
 from w2svd.models.base import Cond, Denoiser
 from w2svd.schedule import timesteps
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Guidance scale 1.0 in diffusers' units: "no extra guidance" for a guidance-distilled model.
@@ -156,8 +154,8 @@ def build_backbone(model_cfg: ModelConfig, device: str | torch.device | None = N
     """The teacher backbone of ``model_cfg``: from ``model_cfg.teacher`` or random from ``arch``.
 
     ``teacher`` is a local diffusers folder (the model folder with a ``transformer/`` subfolder,
-    or the transformer folder itself) or an ``s3://bucket/prefix`` copied first into
-    ``cache_dir`` (default ``$W2SVD_CACHE_DIR`` or ``~/.cache/w2svd``). ``device="meta"``
+    or the transformer folder itself) or an ``s3://bucket/prefix`` mirrored into ``cache_dir``
+    (the project cache root, default ``storage.cache_dir()``). ``device="meta"``
     builds the structure without memory (parameter counts, sharded init); it reads only
     ``config.json`` of a teacher.
     """
@@ -210,9 +208,18 @@ def _check_family(model_cfg: ModelConfig, transformer: HunyuanVideoTransformer3D
 
 def resolve_teacher(teacher: str, cache_dir: str | os.PathLike | None = None,
                     config_only: bool = False) -> Path:
-    """The local transformer folder (``config.json`` + safetensors) named by ``teacher``."""
+    """The local transformer folder (``config.json`` + safetensors) named by ``teacher``: a
+    local folder, or an ``s3://`` prefix mirrored by ``storage.copy_to_local`` (the configured
+    endpoint and credentials; only ``config.json`` when ``config_only``)."""
+    def wanted(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return name == "config.json" if config_only else name.endswith((".json", ".safetensors"))
+
     if teacher.startswith("s3://"):
-        root = _fetch_s3(teacher, cache_dir, config_only=config_only)
+        try:
+            root = storage.copy_to_local(teacher, cache_dir, include=wanted)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"teacher weights not found: nothing under {teacher!r}") from None
     else:
         root = Path(teacher).expanduser()
         if not root.exists():
@@ -227,40 +234,6 @@ def resolve_teacher(teacher: str, cache_dir: str | os.PathLike | None = None,
     if not config_only and not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"teacher {teacher!r}: no *.safetensors weights in {folder}")
     return folder
-
-
-def _fetch_s3(uri: str, cache_dir: str | os.PathLike | None, config_only: bool) -> Path:
-    """Copy the config and safetensors under ``uri`` into the cache; files already there are kept."""
-    import fsspec  # imported here: s3fs is slow to import and only needed for bucket teachers
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    fs = fsspec.filesystem("s3", **({"endpoint_url": endpoint} if endpoint else {}))
-    prefix = uri[len("s3://"):].rstrip("/")
-    base = Path(cache_dir or os.environ.get("W2SVD_CACHE_DIR") or Path.home() / ".cache" / "w2svd")
-    local_root = base / "s3" / prefix  # prefix starts with the bucket
-
-    try:
-        remote_files = fs.find(prefix, detail=True)
-    except FileNotFoundError:
-        remote_files = {}
-    if not remote_files:
-        raise FileNotFoundError(f"teacher weights not found: nothing under {uri!r}")
-    for remote, info in remote_files.items():
-        rel = remote[len(prefix):].lstrip("/")
-        name = rel.rsplit("/", 1)[-1]
-        wanted = name == "config.json" if config_only else (name.endswith((".json", ".safetensors")))
-        if not wanted:
-            continue
-        local = local_root / rel
-        if local.is_file() and local.stat().st_size == info.get("size", -1):
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        # Download next to the target and rename, so an interrupted copy is never taken as done.
-        partial = local.with_name(local.name + ".partial")
-        fs.get(remote, str(partial))
-        partial.replace(local)
-    log.info("teacher %s cached at %s", uri, local_root)
-    return local_root
 
 
 def save_backbone(backbone: HunyuanVideoBackbone, folder: str | os.PathLike) -> Path:

@@ -1,0 +1,64 @@
+"""The training side of the latent shards: an endless, deterministic stream of batches per rank.
+
+Every rank iterates the same ordered stream and keeps batches ``rank, rank + world, …``; the
+order is then a function of the step alone, and ``position`` (batches this rank has consumed)
+is all a checkpoint needs to resume it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from w2svd.models.base import Cond
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, C, T, H, W]
+    cond: Cond
+    bucket: str
+
+
+class LatentStream:
+    """Batches of one bucket each from a Ray Train dataset shard, endlessly, for one rank."""
+
+    def __init__(self, shard, batch_size: int, rank: int, world: int, device, position: int = 0):
+        self.shard, self.batch_size, self.rank, self.world = shard, batch_size, rank, world
+        self.device = device
+        self.position = 0
+        self.first: Batch | None = None  # the batch at position 0 (fixed validation prompts)
+        self._it = self._batches()
+        for _ in range(position):  # the data position of the checkpoint
+            next(self._it)
+            self.position += 1
+
+    def _batches(self):
+        from pipelines.reader import iter_latent_batches
+
+        index = 0
+        while True:
+            produced = 0
+            for batch in iter_latent_batches(self.shard, self.batch_size, drop_last=True):
+                produced += 1
+                index += 1
+                if (index - 1) % self.world == self.rank:
+                    yield batch
+            if produced == 0:
+                raise ValueError(f"the data holds fewer than optim.batch_size = {self.batch_size} clips in "
+                                 "every bucket; lower optim.batch_size or encode more clips")
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        b = next(self._it)
+        self.position += 1
+        cond = Cond(text=b.text.float(), text_mask=b.text_mask.float(), pooled=b.pooled.float(),
+                    image=None if b.image is None else b.image.float())
+        batch = Batch(b.latents.float().to(self.device), cond.to(self.device), b.bucket)
+        if self.position == 1:
+            self.first = batch
+        return batch
