@@ -15,7 +15,7 @@ import copy
 import sys
 
 from pipelines.ema import GeneratorEMA
-from pipelines.engines import check_zero3_sharing, make_engine
+from pipelines.engines import check_zero3_sharing, make_engine, make_role_engines
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
 from w2svd.baselines import ema_update, lcm_step
@@ -28,18 +28,14 @@ from w2svd.roles import GENERATOR, Guidance, View, build_roles_from_config
 
 def train_loop_per_worker(config: dict) -> None:
     s = WorkerSession.start(config)
-    cfg, o = s.cfg, s.cfg.optim
+    cfg = s.cfg
     teacher = build_backbone(cfg.model, device=s.device)
     if cfg.method.name == "lcm":
         return lcm_loop(s, teacher)
 
     roles = build_roles_from_config(teacher, cfg.method).to(s.device)
     shares_base = cfg.method.generator == "lora"
-    disc = [] if roles.disc is None else [roles.disc]
-    critic = make_engine("critic", [roles.fake.backbone, *disc],
-                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
-    generator = make_engine("generator", [roles.generator.backbone],
-                            [(roles.generator_parameters(), o.generator_lr)], cfg)
+    critic, generator = make_role_engines(roles, cfg)
     trained = [critic, generator]
     ema = GeneratorEMA(generator.params, cfg.method.generator_ema) if cfg.method.generator_ema > 0 else None
     s.count_memory(roles)

@@ -93,6 +93,18 @@ def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.
     return Trained(name, engine, optimizer, [lr for _, lr in groups], [p for params, _ in groups for p in params])
 
 
+def make_role_engines(roles, cfg: Config) -> tuple[Trained, Trained]:
+    """The critic engine (fake score: LoRA or DMD2's copy, plus the discriminator head) and the
+    generator engine of the distillation roles (``w2svd.roles.Roles``)."""
+    o = cfg.optim
+    disc = [] if roles.disc is None else [roles.disc]
+    critic = make_engine("critic", [roles.fake.backbone, *disc],
+                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
+    generator = make_engine("generator", [roles.generator.backbone],
+                            [(roles.generator_parameters(), o.generator_lr)], cfg)
+    return critic, generator
+
+
 def check_zero3_sharing(cfg: Config) -> None:
     """ZeRO-3 partitions each engine's modules, so two engines cannot share one base."""
     if cfg.parallel.zero_stage == 3 and cfg.method.generator == "lora" and cfg.method.name == "w2svd":
