@@ -112,13 +112,19 @@ def capture_features(backbone: Denoiser):
 
 
 def count_parameter_bytes(*modules: nn.Module) -> int:
-    """Bytes of distinct parameter storages across modules (a shared tensor counts once)."""
+    """Bytes of distinct parameter storages across modules (a shared tensor counts once).
+
+    A parameter that ZeRO-3 partitioned is an empty tensor whose values live in its shard,
+    ``p.ds_tensor``: the shard is what this process holds, so that is what counts."""
     seen: set[int] = set()
     total = 0
     for module in modules:
         for p in module.parameters():
-            key = p.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += p.untyped_storage().nbytes()
+            for t in (p, getattr(p, "ds_tensor", None)):
+                if t is None:
+                    continue
+                storage = t.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
     return total
