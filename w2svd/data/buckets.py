@@ -37,6 +37,16 @@ class Bucket:
         return cls(b.name, int(b.frames), int(b.height), int(b.width))
 
 
+# HunyuanVideo's causal 3-D VAE: 4× in time (plus the first frame), 8× in height and width.
+VAE_TEMPORAL_RATIO = 4
+VAE_SPATIAL_RATIO = 8
+
+
+def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent ``(t, h, w)`` of a clip: ``t = (frames − 1) / 4 + 1``, ``h = height / 8``, ``w = width / 8``."""
+    return (frames - 1) // VAE_TEMPORAL_RATIO + 1, height // VAE_SPATIAL_RATIO, width // VAE_SPATIAL_RATIO
+
+
 def frame_stride(src_fps: float, target_fps: float) -> int:
     """Keep every ``stride``-th source frame to approach ``target_fps`` (never upsample)."""
     if not src_fps or src_fps <= 0 or target_fps <= 0:

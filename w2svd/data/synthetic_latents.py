@@ -11,6 +11,7 @@ import torch
 
 from w2svd.config import Config
 from w2svd.data import shards, storage
+from w2svd.data.buckets import latent_size
 
 
 def write_synthetic_latents(uri: str, cfg: Config, clips_per_bucket: int = 8, rows_per_shard: int = 4,
@@ -19,7 +20,7 @@ def write_synthetic_latents(uri: str, cfg: Config, clips_per_bucket: int = 8, ro
     arch, g = cfg.model.arch, torch.Generator().manual_seed(seed)
     rows = []
     for bucket in cfg.data.buckets:
-        t, h, w = (bucket.frames - 1) // 4 + 1, bucket.height // 8, bucket.width // 8  # VAE 4x/8x
+        t, h, w = latent_size(bucket.frames, bucket.height, bucket.width)
         for i in range(clips_per_bucket):
             base = torch.randn(arch.in_channels, 1, 1, 1, generator=g)
             ramp = torch.linspace(-1, 1, h).view(1, 1, h, 1) * torch.randn(arch.in_channels, 1, 1, 1, generator=g)
