@@ -17,6 +17,7 @@ the absolute bounds alone. Every champion move is appended to the model tag ``ch
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -252,3 +253,7 @@ def rollback_main(argv: list[str] | None = None) -> int:
 
 
 main = promote_main
+
+
+if __name__ == "__main__":  # `python -m pipelines.promote …` is `w2svd promote …` (a RayJob's entrypoint)
+    sys.exit(main())

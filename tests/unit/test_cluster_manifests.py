@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 CRD_DIR = REPO.parent / "shared" / "reference" / "kuberay-crds"
 IMAGE_NAME = "ghcr.io/your-org/w2svd"
-STAGES = ("preencode", "finetune", "distill")
+STAGES = ("preencode", "finetune", "distill", "promote")
 EXPECTED_KIND = {"raycluster.yaml": "RayCluster", **{f"rayjob-{s}.yaml": "RayJob" for s in STAGES}}
 # Env names whose value is a credential: they may only come from a Secret.
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|(^|_)TOKEN($|_)|ACCESS_KEY|CREDENTIAL|API_KEY", re.I)
@@ -227,6 +227,11 @@ def test_job_entrypoint_runs_an_existing_stage_with_valid_arguments(stage):
         d = cfg.data
         assert d.encoder_pool_size * d.encoder_num_gpus <= gpus
         assert d.encoder_pool_size * d.encoder_num_cpus + d.decode_num_cpus <= cpus
+    elif stage == "promote":  # evaluation actors: generators and metrics, a GPU apiece
+        e = cfg.eval
+        actors = e.generator_actors + e.metric_actors
+        assert e.actor_num_gpus > 0 and actors * e.actor_num_gpus <= gpus, (actors, gpus)
+        assert actors * e.actor_num_cpus <= cpus
     else:
         p = cfg.parallel
         assert p.use_gpu and p.num_workers <= gpus, (p.num_workers, gpus)
@@ -315,3 +320,17 @@ def test_no_inline_secrets():
         text = path.read_text()
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{path.name}: AWS access key id"
         assert not re.search(r"^kind:\s*Secret\b", text, re.M), f"{path.name}: a Secret belongs outside the repo"
+
+
+def test_ray_job_yaml_uploads_only_code_and_names_no_secret():
+    """`ray job submit --runtime-env ray_job.yaml` uploads the checkout minus ``excludes``
+    (tests/cluster/test_ray_job_submit.py looks at what actually arrived on the head)."""
+    text = (REPO / "ray_job.yaml").read_text()
+    env = yaml.safe_load(text)
+    assert env["working_dir"] == "."
+    must = {".git", ".venv", "**/__pycache__", ".pytest_cache", ".ruff_cache", "runs", "mlruns", "bench/results",
+            ".env", "*.pem", "*.safetensors", "*.parquet"}
+    assert must <= set(env["excludes"]), must - set(env["excludes"])
+    assert [k for k in env["env_vars"] if SECRET_NAME.search(k)] == []
+    assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray wants strings
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text)
