@@ -24,7 +24,6 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import ray
 
@@ -33,107 +32,85 @@ from pipelines.startup import init_ray
 from pipelines.tracking import tracking_uri
 from w2svd.config import Config, from_dict, load_config, to_dict
 from w2svd.data import shards, storage
-from w2svd.data.buckets import to_model_input
-from w2svd.data.clips import decode_clip, list_inputs, precheck, quarantine_record
+from w2svd.data.clips import (
+    decode_clip,
+    encode_batch_rows,
+    encode_clips,
+    list_inputs,
+    precheck,
+    quarantine_record,
+)
 from w2svd.data.manifest import (
     check_same_encoders,
     read_output_state,
     summarize,
+    write_batch,
     write_manifest,
     write_quarantine_part,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1 (CPU tasks): read, decode, bucket, sample frames, resize and crop.
+# Stage 1 (CPU tasks, ``data.decode_batch_size`` clips each): read, decode, bucket, resize.
 
 
-def decode_task(row: dict, *, cfg_dict: dict, options: storage.StorageOptions) -> dict:
-    return decode_clip(row, from_dict(Config, cfg_dict), options)
+def decode_task(batch: pa.Table, *, cfg_dict: dict, options: storage.StorageOptions, threads: int) -> pa.Table:
+    cfg = from_dict(Config, cfg_dict)
+    return rows_to_table([decode_clip(r, cfg, options, threads) for r in batch.to_pylist()])
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2 (actor pool): VAE and text encoders, loaded once per actor.
 
 
-# The fields of a decoded row that go into its shard row unchanged.
-ROW_FIELDS = ("clip_id", "source_uri", "caption", "bucket", "frames", "height", "width", "content_hash", "factors")
-
-
 class EncodeClips:
-    def __init__(self, cfg_dict: dict, options: storage.StorageOptions):
+    def __init__(self, cfg_dict: dict, options: storage.StorageOptions, threads: int = 1):
         import torch
 
         from w2svd.models.encoders import LatentEncoder
 
-        self.torch = torch
+        # As many intra-op threads as CPUs the actor reserved: more would contend with the
+        # decode tasks Ray schedules on the remaining CPUs.
+        torch.set_num_threads(threads)
         cfg = from_dict(Config, cfg_dict)
         self.encoder = LatentEncoder(cfg, options)
         self.encode_reference = cfg.data.encode_reference
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return rows_to_table(encode_clips(batch.to_pylist(), self.encoder, self.encode_reference),
+                             [*shards.SHARD_SCHEMA.names, "encode_s"])
 
-        start = time.perf_counter()
-        rows = batch.to_pylist()
-        ok = [r for r in rows if r["status"] == "ok"]
-        by_bucket: dict[str, list[dict]] = {}
-        for r in ok:
-            by_bucket.setdefault(r["bucket"], []).append(r)
-        for group in by_bucket.values():
-            frames_BCTHW = self.torch.stack([
-                to_model_input(np.frombuffer(r["pixels"], np.uint8).reshape(r["pixels_shape"])) for r in group
-            ])
-            latents = self.encoder.encode_video(frames_BCTHW)
-            text, mask, pooled = self.encoder.encode_text([r["caption"] for r in group])
-            images = None
-            if self.encode_reference:
-                h, w = group[0]["height"], group[0]["width"]
-                refs_BCTHW = self.torch.stack([
-                    to_model_input(np.frombuffer(r["reference_pixels"], np.uint8).reshape(1, h, w, 3)) for r in group
-                ])
-                images = self.encoder.encode_video(refs_BCTHW)
-            for i, r in enumerate(group):
-                r.update(shards.encoded_row(
-                    **{k: r.get(k) for k in ROW_FIELDS}, latent=latents[i], text=text[i], text_mask=mask[i],
-                    pooled=pooled[i], image_latent=None if images is None else images[i],
-                    vae_id=self.encoder.vae_id, text_encoder_id=self.encoder.text_encoder_id))
-        elapsed = time.perf_counter() - start
-        for r in rows:
-            r.pop("pixels", None)
-            r.pop("reference_pixels", None)
-            r["encode_s"] = elapsed / max(1, len(ok)) if r["status"] == "ok" else 0.0
-        # from_pylist takes its columns from the FIRST row: a batch that starts with a
-        # quarantined row would silently drop every encoded column of the others.
-        columns = list(dict.fromkeys([*rows[0], *shards.SHARD_SCHEMA.names, "encode_s"])) if rows else []
-        return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+
+def rows_to_table(rows: list[dict], columns: list[str] = ()) -> pa.Table:
+    """Rows → a table with every column any row (or ``columns``) names: ``from_pylist`` alone
+    takes its columns from the FIRST row, so a batch starting with a quarantined row would
+    silently drop the encoded columns of the others."""
+    names = list(dict.fromkeys([*(k for r in rows for k in r), *columns]))
+    return pa.Table.from_pylist([{c: r.get(c) for c in names} for r in rows])
+
+
+def threads_for(num_cpus: float) -> int:
+    return max(1, round(num_cpus))
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3 (tasks): one shard (and one quarantine part) per batch, written whole.
 
 
-def write_shard(batch: pa.Table, *, output_uri: str, options: storage.StorageOptions,
-                kill_driver: tuple[int, int] | None = None) -> pa.Table:
+def write_task(batch: pa.Table, *, output_uri: str, options: storage.StorageOptions,
+               kill_driver: tuple[int, int] | None = None) -> pa.Table:
     start = time.perf_counter()
     rows = batch.to_pylist()
-    encoded = [r for r in rows if r["status"] == "ok"]
-    rejected = [quarantine_record(r, r["reason"], r["detail"]) for r in rows if r["status"] != "ok"]
-    shard_uri = ""
-    if encoded:
-        assert all(r.get("latent") is not None and r.get("vae_id") for r in encoded), "encoded row without latents"
-        shard_uri = storage.join(output_uri, shards.SHARDS_DIR,
-                                 f"shard-{shards.batch_name([r['source_uri'] for r in encoded])}.parquet")
-        storage.write_bytes(shard_uri, shards.shard_bytes(encoded), options)
-    write_quarantine_part(output_uri, rejected, options)
+    written = write_batch(rows, output_uri, options)
     if kill_driver:
         driver_pid, after = kill_driver
-        written = [f for f in storage.list_files(storage.join(output_uri, shards.SHARDS_DIR), options)
-                   if f.uri.endswith(".parquet")]
-        if len(written) >= after:
+        done = [f for f in storage.list_files(storage.join(output_uri, shards.SHARDS_DIR), options)
+                if f.uri.endswith(".parquet")]
+        if len(done) >= after:
             os.kill(driver_pid, signal.SIGKILL)
     return pa.Table.from_pylist([{
-        "shard": shard_uri,
-        "encoded": json.dumps([r["source_uri"] for r in encoded]),
-        "quarantined": json.dumps(rejected),
+        "shard": written["shard"],
+        "encoded": json.dumps(written["encoded"]),
+        "quarantined": json.dumps(written["quarantined"]),
         "decode_s": float(sum(r["decode_s"] for r in rows)),
         "encode_s": float(sum(r["encode_s"] for r in rows)),
         "write_s": time.perf_counter() - start,
@@ -165,6 +142,7 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
 
     stage_s = Counter()
     shards_this_run, encoded_now = 0, 0
+    first = None  # (seconds, clips) when the first batch was written: the end of start-up
     if pending:
         ds = build_dataset(pending, output_uri, cfg, options)
         last_manifest = 0.0
@@ -175,6 +153,8 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
             rejected_now += json.loads(result["quarantined"])
             shards_this_run += bool(result["shard"])
             finished = encoded_now + len(rejected_now)
+            if first is None:
+                first = (time.perf_counter() - wall_start, finished)
             rate = finished / max(1e-9, time.perf_counter() - wall_start)
             log(f"[preencode] {finished}/{len(todo)} processed this run ({encoded_now} encoded in {shards_this_run} shards, "
                 f"{len(rejected_now)} quarantined), {rate:.2f} clips/s")
@@ -184,7 +164,7 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
 
     wall_s = time.perf_counter() - wall_start
     state = read_output_state(output_uri, options)
-    summary = summarize(inputs, state, stage_s, wall_s, encoded_now, len(rejected_now), len(pending))
+    summary = summarize(inputs, state, stage_s, wall_s, encoded_now, len(rejected_now), len(pending), first)
     write_manifest(output_uri, state, inputs, cfg, options, final=True)
     storage.write_bytes(storage.join(output_uri, shards.QUARANTINE_FILE),
                         "".join(json.dumps(r) + "\n" for r in state.quarantined.values()).encode(), options)
@@ -193,14 +173,21 @@ def run(input_uri: str, output_uri: str, cfg: Config, *, options: storage.Storag
 
 
 def build_dataset(pending: list[dict], output_uri: str, cfg: Config, options) -> ray.data.Dataset:
+    """Decode tasks and encoder actors stream concurrently: blocks of ``data.decode_batch_size``
+    clips are decoded while the actor pool encodes earlier ones in batches of
+    ``encode_batch_rows(cfg)`` clips, and shard writers follow."""
     d, cfg_dict = cfg.data, to_dict(cfg)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and d.encoder_num_gpus > 0
-    ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), 200)))
-    ds = ds.map(decode_task, fn_kwargs={"cfg_dict": cfg_dict, "options": options}, num_cpus=d.decode_num_cpus)
+    ds = ray.data.from_items(pending, override_num_blocks=max(1, -(-len(pending) // d.decode_batch_size)))
+    ds = ds.map_batches(decode_task, batch_size=d.decode_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"cfg_dict": cfg_dict, "options": options,
+                                   "threads": threads_for(d.decode_num_cpus)},
+                        num_cpus=d.decode_num_cpus)
     ds = ds.map_batches(
         EncodeClips,
-        fn_constructor_kwargs={"cfg_dict": cfg_dict, "options": options},
-        batch_size=d.encode_batch_size,
+        fn_constructor_kwargs={"cfg_dict": cfg_dict, "options": options,
+                               "threads": threads_for(d.encoder_num_cpus)},
+        batch_size=encode_batch_rows(cfg),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=d.encoder_pool_size),
         num_cpus=d.encoder_num_cpus,
@@ -208,8 +195,8 @@ def build_dataset(pending: list[dict], output_uri: str, cfg: Config, options) ->
     )
     kill_after = cfg.debug.kill_preencode_after_shards
     kill_driver = (os.getpid(), kill_after) if kill_after else None
-    return ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options,
-                                                  "kill_driver": kill_driver},
+    return ds.map_batches(write_task, fn_kwargs={"output_uri": output_uri, "options": options,
+                                                 "kill_driver": kill_driver},
                           batch_size=d.shard_rows, batch_format="pyarrow", num_cpus=0.25)
 
 

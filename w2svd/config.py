@@ -134,12 +134,17 @@ class DataConfig:
     max_bytes: int = 2_000_000_000
     max_seconds: float = 600.0
     shuffle_seed: int = 0
-    # Pre-encode: S3-compatible endpoint (else AWS_ENDPOINT_URL), clips per shard and per
-    # encoder call, encoder actors and their resources (GPUs are used only when the cluster
-    # has them), CPUs per decode task, VAE tiling for large frames, reference-frame latents.
+    # Pre-encode: S3-compatible endpoint (else AWS_ENDPOINT_URL), clips per shard, clips per
+    # encoder call (at most encode_batch_size, and as many of the largest bucket as
+    # encode_batch_pixels = frames × height × width holds; 0: no pixel budget), clips per decode
+    # task, encoder actors and their resources (GPUs are used only when the cluster has them;
+    # torch threads = CPUs reserved), CPUs per decode task (= FFmpeg threads), VAE tiling for
+    # large frames, reference-frame latents.
     s3_endpoint: str | None = None
     shard_rows: int = 64
     encode_batch_size: int = 4
+    encode_batch_pixels: int = 0
+    decode_batch_size: int = 1
     encoder_pool_size: int = 1
     encoder_num_gpus: float = 1.0
     encoder_num_cpus: float = 1.0
@@ -499,8 +504,10 @@ def validate(cfg: Config) -> None:
                f"data.buckets[{b.name}] size {b.height}x{b.width} must be multiples of 16")
     _check(len({b.name for b in cfg.data.buckets}) == len(cfg.data.buckets), "data.buckets names must be unique")
     d = cfg.data
-    for key in ("shard_rows", "encode_batch_size", "encoder_pool_size", "min_frames", "min_side", "max_bytes"):
+    for key in ("shard_rows", "encode_batch_size", "decode_batch_size", "encoder_pool_size", "min_frames",
+                "min_side", "max_bytes"):
         _check(getattr(d, key) >= 1, f"data.{key} must be >= 1")
+    _check(d.encode_batch_pixels >= 0, "data.encode_batch_pixels must be >= 0 (0: no pixel budget)")
     _check(d.fps > 0 and d.max_seconds > 0, "data.fps and data.max_seconds must be positive")
     _check(d.encoder_num_gpus >= 0 and d.encoder_num_cpus >= 0 and d.decode_num_cpus > 0,
            "data.encoder_num_gpus/encoder_num_cpus must be >= 0 and data.decode_num_cpus > 0")

@@ -3,6 +3,7 @@
     inputs = list_inputs("s3://bucket/raw", cfg, options)     # one record per input file
     reason = precheck(record, cfg)                           # quarantine without reading, or None
     row = decode_clip(record, cfg, options)                  # frames of the bucket, or a reason
+    rows = encode_clips(decoded_rows, LatentEncoder(cfg))    # shard rows (latents, text embeddings)
 
 An input is every file under the input URI (except the captions file, reference images and
 ``_``/``.``-prefixed paths) and every captions entry whose video is missing. ``decode_clip``
@@ -15,6 +16,8 @@ import json
 import time
 from pathlib import PurePosixPath
 
+import numpy as np
+
 from w2svd.config import Config
 from w2svd.data import shards, storage
 from w2svd.data.buckets import (
@@ -24,6 +27,7 @@ from w2svd.data.buckets import (
     frame_stride,
     resize_and_crop,
     sample_frame_indices,
+    to_model_input,
 )
 from w2svd.data.video import BadInput, count_decodable_frames, decode_image, decode_video, probe_video
 
@@ -110,26 +114,25 @@ def precheck(record: dict, cfg: Config) -> tuple[str, str] | None:
     return None
 
 
-
-
 def quarantine_record(row: dict, reason: str, detail: str) -> dict:
     return {"clip_id": row["clip_id"], "source_uri": row["source_uri"], "reason": reason, "detail": detail}
 
 
-def decode_clip(row: dict, cfg: Config, options: storage.StorageOptions) -> dict:
-    """Read, decode, bucket, sample frames and resize one input; bad inputs come back quarantined."""
+def decode_clip(row: dict, cfg: Config, options: storage.StorageOptions, threads: int = 0) -> dict:
+    """Read, decode, bucket, sample frames and resize one input; bad inputs come back quarantined.
+    ``threads``: FFmpeg decoding threads (0: FFmpeg's default, one per core)."""
     start = time.perf_counter()
     out = {**row, "status": "ok", "reason": None, "detail": None, "bucket": None, "pixels": None,
            "pixels_shape": None, "reference_pixels": None, "content_hash": None}
     try:
-        out.update(_decode(row, cfg, options))
+        out.update(_decode(row, cfg, options, threads))
     except (BadInput, Rejected) as err:
         out.update(status="quarantined", reason=err.reason, detail=err.detail)
     out["decode_s"] = time.perf_counter() - start
     return out
 
 
-def _decode(row: dict, cfg: Config, options) -> dict:
+def _decode(row: dict, cfg: Config, options, threads: int) -> dict:
     d = cfg.data
     try:
         data = storage.read_bytes(row["source_uri"], options)
@@ -146,7 +149,7 @@ def _decode(row: dict, cfg: Config, options) -> dict:
     bucket = choose_bucket(info.height, info.width, num_frames, [Bucket.from_config(b) for b in d.buckets],
                            min_side=d.min_side)
     indices = sample_frame_indices(num_frames, bucket.frames, frame_stride(info.fps, d.fps))
-    frames, _ = decode_video(data, indices)
+    frames, _ = decode_video(data, indices, threads=threads)
     frames = resize_and_crop(frames, bucket.height, bucket.width)
 
     reference_bytes = None
@@ -170,3 +173,63 @@ def _decode(row: dict, cfg: Config, options) -> dict:
         "reference_pixels": None if reference is None else reference.tobytes(),
         "content_hash": shards.content_hash(data, row["caption"], reference_bytes),
     }
+
+
+# The fields of a decoded row that go into its shard row unchanged.
+ROW_FIELDS = ("clip_id", "source_uri", "caption", "bucket", "frames", "height", "width", "content_hash", "factors")
+
+
+def encode_clips(rows: list[dict], encoder, encode_reference: bool = True) -> list[dict]:
+    """Decoded rows (``decode_clip``) → shard rows, in order. The clips of each bucket go
+    through the VAE (and the text encoders) in one call; quarantined rows pass through. Pixels
+    are dropped, and every row gets ``encode_s``, its share of the encoder's time.
+
+    ``encoder`` is a ``w2svd.models.encoders.LatentEncoder`` (built once per process: loading
+    the models is the expensive part)."""
+    import torch
+
+    start = time.perf_counter()
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_bucket: dict[str, list[dict]] = {}
+    for r in ok:
+        by_bucket.setdefault(r["bucket"], []).append(r)
+    out = {id(r): dict(r) for r in rows}
+    for group in by_bucket.values():
+        frames_BCTHW = torch.stack([to_model_input(_pixels(r["pixels"], r["pixels_shape"])) for r in group])
+        latents = encoder.encode_video(frames_BCTHW)
+        text, mask, pooled = encoder.encode_text([r["caption"] for r in group])
+        images = None
+        if encode_reference:
+            h, w = group[0]["height"], group[0]["width"]
+            images = encoder.encode_video(torch.stack([to_model_input(_pixels(r["reference_pixels"], [1, h, w, 3]))
+                                                       for r in group]))
+        for i, r in enumerate(group):
+            out[id(r)].update(shards.encoded_row(
+                **{k: r.get(k) for k in ROW_FIELDS}, latent=latents[i], text=text[i], text_mask=mask[i],
+                pooled=pooled[i], image_latent=None if images is None else images[i],
+                vae_id=encoder.vae_id, text_encoder_id=encoder.text_encoder_id))
+    per_clip = (time.perf_counter() - start) / max(1, len(ok))
+    result = []
+    for r in rows:
+        row = out[id(r)]
+        row.pop("pixels", None)
+        row.pop("reference_pixels", None)
+        row["encode_s"] = per_clip if r["status"] == "ok" else 0.0
+        result.append(row)
+    return result
+
+
+def _pixels(data: bytes, shape) -> np.ndarray:
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+def encode_batch_rows(cfg: Config) -> int:
+    """Clips per encoder call: as many clips of the largest bucket as ``data.encode_batch_pixels``
+    (frames × height × width) holds, between 1 and ``data.encode_batch_size``; the batch size
+    alone when the pixel budget is 0. Sizing by pixels keeps one call's memory and time about
+    the same whatever the bucket."""
+    d = cfg.data
+    if not d.encode_batch_pixels:
+        return d.encode_batch_size
+    largest = max(b.frames * b.height * b.width for b in d.buckets)
+    return max(1, min(d.encode_batch_size, d.encode_batch_pixels // largest))

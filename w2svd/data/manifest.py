@@ -68,6 +68,26 @@ def write_quarantine_part(output_uri: str, records: list[dict], options) -> None
     storage.write_bytes(storage.join(output_uri, shards.QUARANTINE_DIR, f"part-{name}.jsonl"), lines.encode(), options)
 
 
+def write_batch(rows: list[dict], output_uri: str, options) -> dict:
+    """A batch of encoded and quarantined rows → one shard and one quarantine part, each written
+    whole and named after the clips it holds (a retried write replaces, never duplicates).
+    Returns the shard's URI ("" when nothing was encoded), the encoded sources and the
+    quarantine records."""
+    from w2svd.data.clips import quarantine_record
+
+    encoded = [r for r in rows if r["status"] == "ok"]
+    rejected = [quarantine_record(r, r["reason"], r["detail"]) for r in rows if r["status"] != "ok"]
+    shard_uri = ""
+    if encoded:
+        if not all(r.get("latent") is not None and r.get("vae_id") for r in encoded):
+            raise RuntimeError("an encoded row without latents reached the shard writer")
+        shard_uri = storage.join(output_uri, shards.SHARDS_DIR,
+                                 f"shard-{shards.batch_name([r['source_uri'] for r in encoded])}.parquet")
+        storage.write_bytes(shard_uri, shards.shard_bytes(encoded), options)
+    write_quarantine_part(output_uri, rejected, options)
+    return {"shard": shard_uri, "encoded": [r["source_uri"] for r in encoded], "quarantined": rejected}
+
+
 def check_same_encoders(state: OutputState, cfg: Config, output_uri: str) -> None:
     if not state.vae_ids:
         return
@@ -83,7 +103,11 @@ def check_same_encoders(state: OutputState, cfg: Config, output_uri: str) -> Non
 
 
 def summarize(inputs: list[dict], state: OutputState, stage_s: Counter, wall_s: float,
-              encoded_now: int, quarantined_now: int, decoded_now: int) -> dict:
+              encoded_now: int, quarantined_now: int, decoded_now: int,
+              first: tuple[float, int] | None = None) -> dict:
+    """``first``: (seconds, clips) when the run's first batch was written. Everything before it
+    is start-up (listing, scheduling, starting actors, loading models, filling the pipeline);
+    the clips after it over the time after it are the steady-state rate."""
     sources = [r["source_uri"] for r in inputs]
     encoded = [s for s in sources if s in state.encoded]
     quarantined = [state.quarantined[s] for s in sources if s in state.quarantined and s not in state.encoded]
@@ -105,9 +129,18 @@ def summarize(inputs: list[dict], state: OutputState, stage_s: Counter, wall_s: 
         "by_reason": by_reason,
         "this_run": {"encoded": encoded_now, "quarantined": quarantined_now, "wall_s": round(wall_s, 3),
                      "clips_per_s": round((encoded_now + quarantined_now) / wall_s, 3) if wall_s else None,
+                     "startup_s": round(first[0], 3) if first else None,
+                     "steady_clips_per_s": _steady_rate(first, encoded_now + quarantined_now, wall_s),
                      "stages": per_stage},
         "shards": len(state.shards),
     }
+
+
+def _steady_rate(first: tuple[float, int] | None, clips: int, wall_s: float) -> float | None:
+    """Clips after the first batch per second after it: ``(n − n₁) / (T − t₁)``."""
+    if not first or wall_s <= first[0] or clips <= first[1]:
+        return None
+    return round((clips - first[1]) / (wall_s - first[0]), 3)
 
 
 def write_manifest(output_uri: str, state: OutputState, inputs: list[dict], cfg: Config, options,

@@ -135,18 +135,20 @@ def probe_video(data: bytes) -> VideoInfo:
         return _info(container, _video_stream(container, data))
 
 
-def decode_video(data: bytes, frame_indices: list[int] | None = None, *, check_complete: bool = True
-                 ) -> tuple[np.ndarray, VideoInfo]:
+def decode_video(data: bytes, frame_indices: list[int] | None = None, *, check_complete: bool = True,
+                 threads: int = 0) -> tuple[np.ndarray, VideoInfo]:
     """Video bytes → uint8 RGB ``[T, H, W, 3]`` (all frames, or those at ``frame_indices``).
 
     With ``check_complete`` the rest of the stream is decoded too (without converting frames),
     so a file cut short or corrupted after the wanted frames is still caught: ``truncated``
     when packets are missing, ``unreadable`` when they are all there but do not decode.
+    ``threads``: FFmpeg decoding threads (0: one per core of the machine, FFmpeg's default).
     """
     with _open(data) as container:
         stream = _video_stream(container, data)
         info = _info(container, stream)
         stream.thread_type = "AUTO"
+        stream.thread_count = threads
         wanted = None if frame_indices is None else set(frame_indices)
         last = None if wanted is None else max(wanted)
         frames: dict[int, np.ndarray] = {}
