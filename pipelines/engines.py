@@ -24,14 +24,19 @@ from torch import nn
 
 from pipelines.collectives import all_reduce, world
 from w2svd.config import Config
+from w2svd.memory import REDUCE_BUCKET_ELEMENTS
 
 
 def deepspeed_config(cfg: Config) -> dict:
     """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping."""
     p = cfg.parallel
-    zero: dict = {"stage": p.zero_stage}
+    # Stated, not left to DeepSpeed's default: w2svd/memory.py plans with the same bucket.
+    zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
     if p.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=0,
+        # Reuse distance 0: a gathered parameter is released as soon as its module has run.
+        # Otherwise, whenever DeepSpeed's trace happens to be complete, it keeps parameters
+        # gathered that it expects to reuse soon, and a rank's peak depends on the call order.
+        zero.update(stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0,
                     stage3_param_persistence_threshold=p.zero3_persistence_threshold)
     return {
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
