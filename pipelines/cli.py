@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("pipelines.promote", "move alias champion when the gates hold"),
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
     "bench": ("pipelines.bench", "benchmarks: toy, ..."),
+    "plan": ("pipelines.plan", "GPU memory per GPU and how many GPUs a distillation run needs"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }
 
