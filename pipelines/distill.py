@@ -15,13 +15,13 @@ import copy
 import sys
 
 from pipelines.ema import GeneratorEMA
-from pipelines.engines import check_zero3_sharing, make_engine
+from pipelines.engines import check_zero3_sharing
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
 from w2svd.baselines import ema_update, lcm_step
 from w2svd.config import Config
 from w2svd.distill import StepSettings, critic_step, generator_step
-from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
+from w2svd.export import sampler_settings_for, save_generator_export
 from w2svd.models.hunyuan import build_backbone
 from w2svd.roles import GENERATOR, Guidance, View, build_roles_from_config
 
@@ -36,10 +36,9 @@ def train_loop_per_worker(config: dict) -> None:
     roles = build_roles_from_config(teacher, cfg.method).to(s.device)
     shares_base = cfg.method.generator == "lora"
     disc = [] if roles.disc is None else [roles.disc]
-    critic = make_engine("critic", [roles.fake.backbone, *disc],
-                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
-    generator = make_engine("generator", [roles.generator.backbone],
-                            [(roles.generator_parameters(), o.generator_lr)], cfg)
+    critic = s.engine("critic", [roles.fake.backbone, *disc],
+                      [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)])
+    generator = s.engine("generator", [roles.generator.backbone], [(roles.generator_parameters(), o.generator_lr)])
     trained = [critic, generator]
     ema = GeneratorEMA(generator.params, cfg.method.generator_ema) if cfg.method.generator_ema > 0 else None
     s.count_memory(roles)
@@ -48,12 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     st = StepSettings.from_config(cfg.method)
     settings = sampler_settings_for(cfg)
     exported = ema.applied if ema is not None else contextlib.nullcontext
-
-    def validation_samples():
-        fixed = s.fixed_samples()
-        noise, gen = s.sample_noise(fixed.x)
-        with exported():
-            return sample_latents(roles.generator, settings, fixed.cond, noise, gen)
+    validation_samples = s.previews_of(roles.generator, settings, exported)
 
     batches = s.batches()
     while s.step < s.total_steps:
@@ -92,18 +86,13 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
     student = View(copy.deepcopy(teacher).requires_grad_(True))
     target = View(copy.deepcopy(teacher))
     teacher_view = View(teacher)
-    model = make_engine("student", [student.backbone], [(list(student.backbone.parameters()), cfg.optim.generator_lr)],
-                        cfg)
+    model = s.engine("student", [student.backbone], [(list(student.backbone.parameters()), cfg.optim.generator_lr)])
     trained, extra = [model], {"lcm_target": target.backbone}
     s.count_memory(student.backbone, target.backbone, teacher)
     s.restore(trained, extra)
     settings = sampler_settings_for(cfg)
     guidance = Guidance.from_config(m)
-
-    def validation_samples():
-        fixed = s.fixed_samples()
-        noise, gen = s.sample_noise(fixed.x)
-        return sample_latents(student, settings, fixed.cond, noise, gen)
+    validation_samples = s.previews_of(student, settings)
 
     batches = s.batches()
     while s.step < s.total_steps:

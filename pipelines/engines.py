@@ -26,14 +26,16 @@ from pipelines.collectives import all_reduce, world
 from w2svd.config import Config
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping."""
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
+    """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping, and
+    whether checkpoints load in universal form (a resume on another number of workers)."""
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
     if p.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=0,
                     stage3_param_persistence_threshold=p.zero3_persistence_threshold)
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -75,7 +77,7 @@ class Trained:
 
 
 def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]],
-                cfg: Config) -> Trained:
+                cfg: Config, load_universal: bool = False) -> Trained:
     """Wrap the parameter groups ``[(params, lr), …]`` of one role in a DeepSpeed engine.
 
     ``modules`` are the modules whose forward uses the parameters: ZeRO-3 partitions them and
@@ -88,8 +90,12 @@ def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.
     groups = [(list(params), lr) for params, lr in groups if params]
     optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups],
                                   betas=tuple(o.betas), weight_decay=o.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=nn.ModuleList(modules), optimizer=optimizer,
-                                           config=deepspeed_config(cfg), dist_init_required=False)
+    wrapped = nn.ModuleList(modules)
+    # Recorded in every checkpoint; its presence is what lets DeepSpeed convert the checkpoint to
+    # universal form (a resume on another number of workers). Empty: no tensor-parallel slicing.
+    wrapped.universal_checkpoint_info = {}
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, load_universal), dist_init_required=False)
     return Trained(name, engine, optimizer, [lr for _, lr in groups], [p for params, _ in groups for p in params])
 
 

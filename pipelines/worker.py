@@ -29,7 +29,7 @@ from torch import nn
 
 from pipelines import checkpoint, faults
 from pipelines.collectives import all_reduce, barrier
-from pipelines.engines import Trained
+from pipelines.engines import Trained, make_engine
 from pipelines.latent_stream import Batch, LatentStream
 from pipelines.tracking import Tracker
 from w2svd.config import Config, from_dict, to_yaml, validate
@@ -69,6 +69,9 @@ class WorkerSession:
     resumed: bool = False
     export_only: bool = False
     in_band: bool = True
+    # The checkpoint this run resumes from (the newest written in band) and its state.json.
+    resume_uri: str | None = None
+    resume_state: dict | None = None
     _stream: LatentStream | None = None
     _batches: object = None
     _samples: Batch | None = None
@@ -97,8 +100,30 @@ class WorkerSession:
                           cfg.tracking.system_metrics)
         # The run's random stream lives on the CPU: its state is what a checkpoint stores, and
         # every draw moves its numbers to the device (w2svd/rng.py).
-        return cls(cfg, run, options, rank, world, device, torch.Generator().manual_seed(seed), monitor, tracker,
-                   export_only=bool(config.get("export_only")))
+        session = cls(cfg, run, options, rank, world, device, torch.Generator().manual_seed(seed), monitor, tracker,
+                      export_only=bool(config.get("export_only")))
+        session._find_resume_point()
+        return session
+
+    def _find_resume_point(self) -> None:
+        import ray.train
+
+        if ray.train.get_checkpoint() is None:
+            return
+        uri = checkpoint.newest_in_band(storage.join(self.run_dir, TRAIN_NAME), self.options)
+        if uri is None:
+            raise RuntimeError(f"no checkpoint of {self.run_dir} was written in band; start a new run dir")
+        self.resume_uri = uri
+        self.resume_state = storage.read_json(storage.join(uri, checkpoint.STATE_FILE), self.options)
+
+    @property
+    def reshaped(self) -> bool:
+        """True when resuming from a checkpoint written by another number of workers."""
+        return self.resume_state is not None and self.resume_state.get("world_size", self.world) != self.world
+
+    def engine(self, name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]]) -> Trained:
+        """``engines.make_engine`` for this run (loading universal checkpoints when reshaped)."""
+        return make_engine(name, modules, groups, self.cfg, load_universal=self.reshaped)
 
     # -- data --------------------------------------------------------------------------------
     def batches(self):
@@ -131,28 +156,23 @@ class WorkerSession:
         return self.step if self.export_only else self.cfg.optim.steps
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _experiment_uri(self) -> str:
-        return storage.join(self.run_dir, TRAIN_NAME)
-
     def restore(self, trained: list[Trained], extra: dict[str, nn.Module] | None = None, ema=None) -> None:
         """Resume from the newest checkpoint written in band, if the run has one: engines
         (checked parameter by parameter), step, RNG, data position, samples and EMA."""
         import ray.train
 
-        if ray.train.get_checkpoint() is None:
+        if self.resume_uri is None:
             self._apply_lr(trained)
             return
-        uri = checkpoint.newest_in_band(self._experiment_uri(), self.options)
-        if uri is None:
-            raise RuntimeError(f"no checkpoint of {self.run_dir} was written in band; start a new run dir")
+        uri = self.resume_uri
         fs, path = storage.filesystem(uri, self.options)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
-            saved = checkpoint.read(Path(folder), trained, self.rank, self.rng, self.device, extra or {})
+            saved = checkpoint.read(Path(folder), trained, self.rank, self.rng, self.device, extra or {}, self.world)
         if saved.samples is not None:
             self._samples = Batch(saved.samples["x"].to(self.device), Cond(**saved.samples["cond"]).to(self.device),
                                   saved.samples["bucket"])
         if ema is not None and saved.ema is not None:
-            ema.load_state_dict(saved.ema)
+            ema.load_shares(saved.ema) if self.reshaped else ema.load_state_dict(saved.ema)
         self.step, self.data_position, self.resumed = saved.state["step"], saved.state["data_position"], True
         self._apply_lr(trained)
         if self.rank == 0:
@@ -254,13 +274,21 @@ class WorkerSession:
             if label == VAE_LABEL:
                 self.tracker.log(quick_metrics(clips, self.cfg.data.fps), self.step)
 
-    def sample_noise(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Generator]:
-        """Fixed-seed noise for validation samples (the same every time, on every rank), and the
-        generator that continues its stream for the sampler's re-noise draws."""
+    def previews_of(self, view, settings, applied=contextlib.nullcontext) -> Callable[[], torch.Tensor]:
+        """The validation sampler of a training run: ``view`` (the generator role) sampled with the
+        export's ``settings`` on the fixed prompts, from fixed-seed noise (the same every time, on
+        every rank), inside ``applied()`` (the EMA weights, when kept)."""
         from w2svd import rng
+        from w2svd.export import sample_latents
 
-        generator = torch.Generator().manual_seed(self.cfg.optim.sample_seed)
-        return rng.randn(like.shape, generator, like.device, like.dtype), generator
+        def sample() -> torch.Tensor:
+            fixed = self.fixed_samples()
+            generator = torch.Generator().manual_seed(self.cfg.optim.sample_seed)
+            noise = rng.randn(fixed.x.shape, generator, fixed.x.device, fixed.x.dtype)
+            with applied():
+                return sample_latents(view, settings, fixed.cond, noise, generator)
+
+        return sample
 
     # -- timing and memory -------------------------------------------------------------------
     @contextlib.contextmanager

@@ -7,6 +7,7 @@ plain floats for logging. The caller zeroes gradients, clips and steps its optim
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,9 +43,9 @@ class StepSettings:
     sampler: str = "renoise"
 
     @classmethod
-    def from_config(cls, m) -> StepSettings:
-        return cls(m.student_steps, m.shift, m.sigma_min, m.sigma_max, m.lambda_dmd, m.lambda_reg,
-                   m.lambda_gan_gen, m.lambda_gan_disc, m.backward_simulation, m.sampler)
+    def from_config(cls, method_cfg) -> StepSettings:
+        """The fields of the same names in ``MethodConfig`` (matched by name, not position)."""
+        return cls(**{f.name: getattr(method_cfg, f.name) for f in dataclasses.fields(cls)})
 
     def generator_sigmas(self) -> torch.Tensor:
         return student_sigmas(self.student_steps, self.shift)

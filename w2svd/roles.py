@@ -134,8 +134,11 @@ class DiscriminatorHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # The head keeps its own dtype (fp32 beside a bf16 backbone, unless DeepSpeed casts the
+        # whole engine): features are cast to it, and the logits come back in fp32 for the loss.
         tokens_BND = features if features.dim() == 3 else features.unsqueeze(1)
-        return self.net(tokens_BND).mean(dim=(1, 2))
+        tokens_BND = tokens_BND.to(self.net[1].weight.dtype)
+        return self.net(tokens_BND).mean(dim=(1, 2)).float()
 
 
 # ---------------------------------------------------------------------------------------------
