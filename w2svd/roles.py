@@ -231,10 +231,6 @@ class Roles(nn.Module):
     def generator_x0(self, x, sigma_B, cond: Cond) -> torch.Tensor:
         return x0_from_velocity(x, self.generator_velocity(x, sigma_B, cond), sigma_B)
 
-    def teacher_velocity(self, x, sigma_B, cond: Cond) -> torch.Tensor:
-        """The frozen teacher with full guidance: Euler sampling and LCM targets."""
-        return guided_velocity(self.teacher, x, sigma_B, cond, self.guidance.mode, self.guidance.scale)
-
     def real_x0(self, x_s, sigma_B, cond: Cond) -> torch.Tensor:
         v = guided_velocity(self.real, x_s, sigma_B, cond, self.guidance.mode, self.guidance.scale)
         return x0_from_velocity(x_s, v, sigma_B)
