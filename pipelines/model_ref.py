@@ -15,8 +15,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.registry import check_model_uri, load_registered_generator, parse_registry_uri, resolve_version
-from pipelines.tracking import registry_uri
+from pipelines import tracking
+from pipelines.registry import (
+    REGISTRY_SCHEMES,
+    check_model_uri,
+    load_registered_generator,
+    parse_registry_uri,
+    resolve_version,
+)
 
 EXPORT_VERSION = "export"  # the version of a model given as a folder or bucket, not a registry entry
 
@@ -34,13 +40,21 @@ class ModelRef:
         return f"{self.name}/{self.version}"
 
 
+def model_tracking_uri(uri: str, cfg=None, explicit: str | None = None) -> str | None:
+    """The MLflow server a model URI needs: the registry's for ``models:/``/``runs:/`` URIs (with
+    its ``./mlruns`` fallback), else only one that was named (an export needs none)."""
+    if uri.startswith(REGISTRY_SCHEMES):
+        return tracking.registry_uri(cfg, explicit)
+    return tracking.tracking_uri(cfg, explicit)
+
+
 def pin(uri: str, tracking_uri: str | None = None) -> ModelRef:
     """Resolve ``uri`` now; a missing model, version or alias is a one-line ``ValueError``."""
     parsed = parse_registry_uri(uri)
     if uri.startswith("models:/"):
         from mlflow.tracking import MlflowClient
 
-        version = resolve_version(MlflowClient(tracking_uri=registry_uri(explicit=tracking_uri)), uri)
+        version = resolve_version(MlflowClient(tracking_uri=tracking.registry_uri(explicit=tracking_uri)), uri)
         alias = parsed[2] if parsed and parsed[1] == "alias" else None
         return ModelRef(uri, f"models:/{version.name}/{version.version}", version.name, version.version, alias)
     check_model_uri(uri, tracking_uri)
@@ -49,7 +63,7 @@ def pin(uri: str, tracking_uri: str | None = None) -> ModelRef:
 
 def load(ref: ModelRef, tracking_uri: str | None = None, device: str | None = None):
     """The ``GeneratorBundle`` of the pinned version."""
-    return load_registered_generator(ref.pinned_uri, registry_uri(explicit=tracking_uri), device=device)
+    return load_registered_generator(ref.pinned_uri, tracking_uri, device=device)
 
 
 def model_card(ref: ModelRef, bundle) -> dict:

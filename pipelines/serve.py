@@ -32,10 +32,9 @@ from dataclasses import asdict
 from ray import serve
 
 from pipelines.errors import ArgumentParser, run_main
-from pipelines.model_ref import ModelRef, load, model_card, pin
+from pipelines.model_ref import ModelRef, load, model_card, model_tracking_uri, pin
 from pipelines.serve_api import VideoAPI, read_token
 from pipelines.serve_requests import ModelLimits, RequestError, VideoRequest, group_by_shape, refit
-from pipelines.tracking import registry_uri
 from w2svd.config import Config, ServeConfig, from_dict, load_config
 from w2svd.data import storage
 
@@ -161,7 +160,7 @@ def build_app(args: dict):
         raise ValueError(f"build_app args: need model=URI, may have {list(BUILD_ARGS[1:])}; got {sorted(args)}")
     overrides = args.get("overrides") or []
     cfg = load_config(args.get("config") or "debug", shlex.split(overrides) if isinstance(overrides, str) else overrides)
-    tracking_uri = registry_uri(cfg, args.get("tracking_uri"))
+    tracking_uri = model_tracking_uri(args["model"], cfg, args.get("tracking_uri"))
     pin(args["model"], tracking_uri)  # a model that names nothing fails here, in one line
     return application(args["model"], cfg, tracking_uri)
 
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args = build_parser().parse_args(argv)
         cfg = load_config(args.config, args.overrides)
-        tracking_uri = registry_uri(cfg, args.tracking_uri)
+        tracking_uri = model_tracking_uri(args.model, cfg, args.tracking_uri)
         ref = pin(args.model, tracking_uri)
         app = application(args.model, cfg, tracking_uri)
         _check_port_free(args.host, args.port)
