@@ -19,6 +19,7 @@ or ``serve.auth_token_file``) every route but ``/healthz`` needs ``Authorization
 # the route methods that Serve rebinds, not a string.
 import asyncio
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -41,6 +42,7 @@ from w2svd.config import ServeConfig, from_dict
 
 app = FastAPI(title="w2svd video generation", version="1",
               description="OpenAI-style /v1/videos over a W2SVD few-step generator")
+logger = logging.getLogger("ray.serve")
 MODEL_INFO_TTL_S = 2.0  # how stale /v1/models and validation may be after the model changes
 BUSY_RETRY_S = 0.25  # a queued job's wait between tries while every generator is full
 
@@ -187,7 +189,18 @@ class VideoAPI:
             self.jobs.finish(job, video)
             self.metrics.inc("w2svd_jobs_total", "finished jobs by status", status=job.status)
             self.metrics.observe("w2svd_job_seconds", "job latency, queue to finish", job.completed_at - job.created_at)
+            await self._save(job, video)
+
+    async def _save(self, job, video: bytes | None = None) -> bool:
+        """Write the job to ``results_uri``; an outage there is counted and logged, and the job
+        stays answerable from this replica's memory."""
+        try:
             await asyncio.to_thread(self.jobs.save, job, video)
+            return True
+        except Exception as err:  # noqa: BLE001
+            logger.warning("w2svd: cannot write job %s to %s: %s", job.id, self.s.results_uri, err)
+            self.metrics.inc("w2svd_storage_errors_total", "failed writes to serve.results_uri")
+            return False
 
     async def _background(self, job, parsed) -> None:
         try:
@@ -215,7 +228,7 @@ class VideoAPI:
         async def work():
             parsed = await self._parse(request)
             job = self._admit(parsed)
-            await asyncio.to_thread(self.jobs.save, job)
+            await self._save(job)
             task = asyncio.create_task(self._background(job, parsed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -233,7 +246,10 @@ class VideoAPI:
         return await self._serve("/v1/videos/sync", request, work)
 
     async def _job(self, video_id: str):
-        job = await asyncio.to_thread(self.jobs.get, video_id)
+        try:
+            job = await asyncio.to_thread(self.jobs.get, video_id)
+        except Exception as err:  # noqa: BLE001 - results storage unreachable: the service is degraded
+            raise RequestError(503, f"job storage is unavailable: {err}") from None
         if job is None:
             raise RequestError(404, f"no video job {video_id!r} (unknown, or expired from this replica)", "id")
         return job
@@ -250,7 +266,10 @@ class VideoAPI:
             job = await self._job(video_id)
             if job.status != COMPLETED:
                 raise RequestError(409, f"video {video_id} is {job.status}; its content exists once completed", "id")
-            video = await asyncio.to_thread(self.jobs.video, video_id)
+            try:
+                video = await asyncio.to_thread(self.jobs.video, video_id)
+            except Exception as err:  # noqa: BLE001
+                raise RequestError(503, f"job storage is unavailable: {err}") from None
             if video is None:
                 raise RequestError(404, f"the content of {video_id} has expired from this replica", "id")
             return Response(video, media_type="video/mp4")
