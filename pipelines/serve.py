@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_port_free(args.host, args.port)
         started = init_ray(need_cpus=cfg.serve.num_cpus * cfg.serve.max_replicas)
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Both set explicitly: a process started in the background inherits SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         try:
             if started and cfg.serve.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
                 raise ValueError(f"serve.num_gpus = {cfg.serve.num_gpus:g} but this machine has no GPU; "
