@@ -143,7 +143,7 @@ def application(model_uri: str, cfg: Config, tracking_uri: str | None = None,
     api = serve.deployment(
         VideoAPI, name="VideoAPI", num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0.25},
         max_ongoing_requests=s.max_pending_jobs + 32, max_queued_requests=s.max_pending_jobs,
-        backpressure_config=backpressure)
+        backpressure_config=backpressure, health_check_period_s=2)  # a lost ingress is replaced in seconds
     if options is None and s.results_uri and storage.is_s3(s.results_uri):
         options = storage.StorageOptions.from_env()
     return api.bind(generator.bind(model_uri, tracking_uri, serve_dict), serve_dict, options)

@@ -599,6 +599,9 @@ def _validate_serving(cfg: Config) -> None:
     _check(s.num_gpus >= 0 and s.num_cpus >= 0, "serve.num_gpus/num_cpus must be >= 0")
     _check(s.batch_wait_timeout_s >= 0 and s.alias_poll_s >= 0, "serve.batch_wait_timeout_s/alias_poll_s must be >= 0")
     _check(s.request_timeout_s > 0, "serve.request_timeout_s must be positive")
+    _check(s.ingress_replicas == 1 or s.results_uri is not None,
+           f"serve.ingress_replicas = {s.ingress_replicas} needs serve.results_uri (a folder or s3://): a job's "
+           "status and video must be readable from every ingress replica")
     for key in ("actors", "batch_size", "part_rows"):
         _check(getattr(g, key) >= 1, f"generate.{key} must be >= 1")
     _check(g.num_gpus >= 0 and g.num_cpus >= 0, "generate.num_gpus/num_cpus must be >= 0")
