@@ -276,6 +276,64 @@ class DebugConfig:
     # Pre-encode: the shard writer SIGKILLs the driver once the output holds this many shards
     # (0 = never), so the kill lands mid-stream however far Ray Data ran ahead.
     kill_preencode_after_shards: int = 0
+    # Batch generation: the driver SIGKILLs itself once this many rows are recorded (0 = never).
+    kill_generate_after_rows: int = 0
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve application (``w2svd serve``, ``pipelines.serve:build_app``)."""
+
+    # Generator replicas: fixed at min_replicas, or autoscaled up to max_replicas on the ongoing
+    # requests per replica when max_replicas > min_replicas.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    ingress_replicas: int = 1
+    # Same-shape requests share one sampler call (up to max_batch_size); 1 turns batching off.
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    # Backpressure: requests a generator replica holds, and requests a caller may queue for the
+    # generators beyond that; anything more is answered 503 with Retry-After.
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 8
+    # Unfinished jobs an ingress replica accepts before it answers 503.
+    max_pending_jobs: int = 64
+    request_timeout_s: float = 600.0
+    retry_after_s: int = 5
+    # Request limits (anything beyond is a 4xx naming the field).
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 16_000_000
+    max_image_bytes: int = 10_000_000
+    max_image_side: int = 4096
+    # Finished jobs (status + mp4) are also written here (a folder or s3://), so any ingress
+    # replica, or one restarted, still answers for them; None keeps them in memory only.
+    results_uri: str | None = None
+    max_results_in_memory: int = 256
+    # Seconds between checks of a models:/NAME@ALIAS for a moved alias (0 = never).
+    alias_poll_s: float = 60.0
+    # Bearer-token auth: the token is read from this environment variable or this file (never
+    # from a config); with neither set, the API is open.
+    auth_token_env: str = "W2SVD_SERVE_TOKEN"
+    auth_token_file: str | None = None
+    codec: Literal["libx264", "mpeg4"] = "libx264"
+
+
+@dataclass
+class GenerateConfig:
+    """Batch generation (``w2svd generate``): a Ray Data actor pool over a prompt table."""
+
+    actors: int = 1
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    batch_size: int = 4
+    # Results are recorded every part_rows rows: at most that many are redone after a kill.
+    part_rows: int = 8
+    # A row without a seed gets seed + its row number, so a rerun draws the same video.
+    seed: int = 0
+    codec: Literal["libx264", "mpeg4"] = "libx264"
 
 
 @dataclass
@@ -291,6 +349,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,3 +581,28 @@ def validate(cfg: Config) -> None:
         _check(g.min is None or g.max is None or g.min <= g.max, f"{where}: min must not exceed max")
     _check(len({g.metric for g in cfg.promotion.gates}) == len(cfg.promotion.gates),
            "promotion.gates: one gate per metric")
+    _validate_serving(cfg)
+
+
+def _validate_serving(cfg: Config) -> None:
+    s, g = cfg.serve, cfg.generate
+    _check(1 <= s.min_replicas <= s.max_replicas,
+           f"serve.min_replicas/max_replicas = {s.min_replicas}/{s.max_replicas} must satisfy 1 <= min <= max")
+    for key in ("ingress_replicas", "max_batch_size", "max_ongoing_requests", "max_pending_jobs", "retry_after_s",
+                "max_prompt_chars", "max_body_bytes", "max_image_bytes", "max_image_side", "max_results_in_memory"):
+        _check(getattr(s, key) >= 1, f"serve.{key} must be >= 1")
+    _check(s.max_queued_requests >= 0, "serve.max_queued_requests must be >= 0")
+    _check(s.max_ongoing_requests >= s.max_batch_size,
+           f"serve.max_ongoing_requests = {s.max_ongoing_requests} must be >= serve.max_batch_size = "
+           f"{s.max_batch_size} (a replica batches only the requests it holds)")
+    _check(s.target_ongoing_requests > 0, "serve.target_ongoing_requests must be positive")
+    _check(s.num_gpus >= 0 and s.num_cpus >= 0, "serve.num_gpus/num_cpus must be >= 0")
+    _check(s.batch_wait_timeout_s >= 0 and s.alias_poll_s >= 0, "serve.batch_wait_timeout_s/alias_poll_s must be >= 0")
+    _check(s.request_timeout_s > 0, "serve.request_timeout_s must be positive")
+    _check(s.ingress_replicas == 1 or s.results_uri is not None,
+           f"serve.ingress_replicas = {s.ingress_replicas} needs serve.results_uri (a folder or s3://): a job's "
+           "status and video must be readable from every ingress replica")
+    for key in ("actors", "batch_size", "part_rows"):
+        _check(getattr(g, key) >= 1, f"generate.{key} must be >= 1")
+    _check(g.num_gpus >= 0 and g.num_cpus >= 0, "generate.num_gpus/num_cpus must be >= 0")
+    _check(g.seed >= 0, "generate.seed must be >= 0")
