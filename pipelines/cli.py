@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
     "serve": ("pipelines.serve", "Ray Serve HTTP API over the champion"),
     "generate": ("pipelines.generate", "Ray Data batch generation"),
-    "bench": ("pipelines.bench", "benchmarks: toy, ..."),
+    "bench": ("bench", "benchmarks: toy, toy-family, ... (bench/NAME.py)"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }
 
