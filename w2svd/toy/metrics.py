@@ -84,14 +84,25 @@ def lost_modes(occ_M1: torch.Tensor, weights_M: torch.Tensor, fraction: float = 
     return int((occ_M1[:-1] < fraction * weights_M.double()).sum())
 
 
+def nearest_mode_shares_M(x_ND: torch.Tensor, means_MD: torch.Tensor) -> torch.Tensor:
+    """Shares of samples whose nearest mean (Euclidean) is mode m, wherever the sample sits.
+
+    Not a mode count by itself (pure noise spreads over every mode); beside the on-mode count it
+    tells a collapse (nothing even near a mode) from blur (samples near it, outside its χ² radius).
+    """
+    nearest_N = torch.cdist(x_ND.double(), means_MD.double()).argmin(1)
+    return torch.bincount(nearest_N, minlength=len(means_MD)).double() / max(len(x_ND), 1)
+
+
 def evaluate_samples(problem: Problem, samples_ND: torch.Tensor, labels_N: torch.Tensor,
                      q: float = ON_MODE_QUANTILE) -> dict:
     """Per-caption metrics averaged over captions (modes lost: summed).
 
     fd: Fréchet to the exact moments; modes_lost, mode_tv: by on-mode occupancy; on_mode: share
-    of samples on some mode; spread: ``Tr Σ̂ / Tr Σ`` (below 1: too narrow).
+    of samples on some mode; modes_empty_nearest: modes whose nearest-mean share is under
+    ``LOST_FRACTION`` of their weight (collapse, not blur); spread: ``Tr Σ̂ / Tr Σ`` (below 1: too narrow).
     """
-    fds, tvs, on_mode, spread, lost = [], [], [], [], 0
+    fds, tvs, on_mode, spread, lost, empty = [], [], [], [], 0, 0
     for k in range(problem.num_captions):
         x_ND = samples_ND[labels_N == k].double()
         mean_D, cov_DD = problem.moments(k)
@@ -101,10 +112,11 @@ def evaluate_samples(problem: Problem, samples_ND: torch.Tensor, labels_N: torch
         occ_M1 = occupancy_M1(assign_modes_N(x_ND, weights_M, means_MD, covs_MDD, q), len(weights_M))
         tvs.append(occupancy_tv(occ_M1, weights_M))
         lost += lost_modes(occ_M1, weights_M)
+        empty += int((nearest_mode_shares_M(x_ND, means_MD) < LOST_FRACTION * weights_M).sum())
         on_mode.append(float(1 - occ_M1[-1]))
     n = problem.num_captions
     return {"fd": sum(fds) / n, "modes_lost": lost, "mode_tv": sum(tvs) / n, "on_mode": sum(on_mode) / n,
-            "spread": sum(spread) / n}
+            "modes_empty_nearest": empty, "spread": sum(spread) / n}
 
 
 def eval_labels(problem: Problem, n: int) -> torch.Tensor:
