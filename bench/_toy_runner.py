@@ -41,13 +41,13 @@ class ToySettings:
     """One budget and one set of knobs; a ``Run``'s overrides change them for that run only."""
 
     # Teacher (the students start as copies of it).
-    teacher_steps: int = 4000
+    teacher_steps: int = 3000
     teacher_lr: float = 1e-3
     teacher_batch: int = 256
-    hidden: int = 64
+    hidden: int = 128
     depth: int = 3
     # Distillation batch.
-    batch: int = 128
+    batch: int = 256
     # Budget: updates of the evaluated network (DMD family: generator; LCM: student).
     generator_updates: int = 400
     # Cadence (w2svd.iteration.Cadence).
@@ -168,8 +168,9 @@ def floor(problem: Problem, s: ToySettings) -> dict:
 
 def adam(*groups: tuple) -> torch.optim.AdamW:
     """DMD2's AdamW (β1 = 0, no decay) over ``(params, lr)`` groups, shared by every method."""
-    return torch.optim.AdamW([{"params": list(p), "lr": lr} for p, lr in groups if list(p)],
-                             betas=(0.0, 0.999), weight_decay=0.0)
+    groups = [(list(p), lr) for p, lr in groups]  # parameters() is an iterator: read it once
+    return torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups if p], betas=(0.0, 0.999),
+                             weight_decay=0.0)
 
 
 class _Snapshots:
@@ -222,15 +223,20 @@ def distill_dmd_family(problem: Problem, teacher: ToyDenoiser, run: Run, s: ToyS
         trained["ema"] = ema
     snaps = _Snapshots(trained)
     pending: list = []
+    drift_in_band = [True]
 
     def health_check(metrics: dict) -> bool:
         if "gen/dmd" not in metrics:
             return True
         decision = monitor.check(it, {**metrics, "data/std": x_gt.std().item()})
-        if decision.ok:
-            return True
-        pending.append(decision)
-        return False
+        if not decision.ok:
+            pending.append(decision)
+            return False
+        # The rollback target is the state these metrics were just measured on (before its update),
+        # and only when every guard has it in band.
+        if not decision.reason and drift_in_band[0] and updates % s.guard_every == 0:
+            snaps.last_good = snaps.take()
+        return True
 
     curve = [{"gen_updates": 0, **evaluate()}]
     trace: list[dict] = []
@@ -246,7 +252,8 @@ def distill_dmd_family(problem: Problem, teacher: ToyDenoiser, run: Run, s: ToyS
         if out.stopped:
             decision = pending.pop()
             log(f"  health: {decision.reason}")
-            if decision.action == "stop":
+            if decision.action == "stop":  # the result is the last good state, as a job's last checkpoint
+                snaps.restore(snaps.last_good)
                 break
             # A rollback spends budget: the iteration count goes on from where it was.
             snaps.restore(snaps.last_good)
@@ -272,10 +279,9 @@ def distill_dmd_family(problem: Problem, teacher: ToyDenoiser, run: Run, s: ToyS
                 probe.observe({}, gen_x=gen_x, data_x=data_x, cond_x=cond_w.text)
                 values[name] = probe.value()
             trace.append({"gen_updates": updates, **values})
-            in_band = True
             if guard is not None:
                 decision = guard.decide(updates, values[guard.kind])
-                in_band = decision.in_band
+                drift_in_band[0] = decision.in_band
                 if decision.is_best:
                     guard_result["best_state"] = copy.deepcopy(eval_net.state_dict())
                     guard_result["kept_at"] = updates
@@ -291,8 +297,6 @@ def distill_dmd_family(problem: Problem, teacher: ToyDenoiser, run: Run, s: ToyS
                 if s.drift_act and decision.action == "stop":
                     eval_net.load_state_dict(guard_result["best_state"])
                     break
-            if in_band and not monitor.state.out_of_band:
-                snaps.last_good = snaps.take()
         if updates % s.eval_every == 0:
             curve.append({"gen_updates": updates, **evaluate(), **_scalars(out.metrics)})
     final = curve[-1] if curve[-1]["gen_updates"] == updates else {"gen_updates": updates, **evaluate()}
@@ -360,7 +364,7 @@ def result_row(run: Run, result: dict) -> dict:
     best = min(result["curve"], key=lambda p: p["fd"])
     final = result["final"]
     return {"method": run.method, "steps": run.steps, "variant": run.variant,
-            **{k: final[k] for k in ("fd", "modes_lost", "mode_tv", "on_mode", "spread")},
+            **{k: final[k] for k in ("fd", "modes_lost", "mode_tv", "on_mode", "modes_empty_nearest", "spread")},
             "fd_best_on_curve": best["fd"], "best_at": best["gen_updates"],
             "val_fd": result["validation"]["fd"], "val_modes_lost": result["validation"]["modes_lost"],
             "guard_fired_at": result["guard"]["fired_at"], "fd_guard_kept": result["guard"]["fd_kept"],
@@ -373,14 +377,38 @@ def result_row(run: Run, result: dict) -> dict:
 # One problem, every method
 
 
-DEFAULT_RUNS = [
-    Run("dmd2", 1), Run("w2svd", 1), Run("lcm", 1),
-    Run("dmd2", 4), Run("w2svd", 4), Run("lcm", 4),
-    Run("w2svd", 4, "reg", {"lambda_reg": 0.25}),
-    Run("w2svd", 4, "alpha0", {"alpha_weak": 0.0}),
-    Run("w2svd", 4, "alpha0.5", {"alpha_weak": 0.5}),
-    Run("w2svd", 4, "alpha0.75", {"alpha_weak": 0.75}),
-]
+# Each method's settings before the family study (its config 0), and where the study's chosen
+# recipes are kept (``w2svd bench toy-family`` writes them in DIR/selection.json; the chosen ones
+# are copied here by hand, with the run that chose them named in the file).
+BASELINE = {
+    "w2svd": {"generator_lr": 3e-5, "critic_lr": 1e-3, "gen_update_every": 5, "critic_warmup": 0,
+              "generator_lr_schedule": "cosine", "generator_ema": 0.0, "lambda_gan_gen": 5e-3,
+              "backward_simulation": True, "lambda_reg": 0.0, "reg_target": "paper", "lora_rank": 32},
+    "dmd2": {"generator_lr": 3e-5, "critic_lr": 1e-4, "gen_update_every": 5, "critic_warmup": 0,
+             "generator_lr_schedule": "cosine", "generator_ema": 0.0, "lambda_gan_gen": 5e-3,
+             "backward_simulation": True, "lambda_reg": 0.0, "reg_target": "paper"},
+    "lcm": {"generator_lr": 3e-5, "generator_lr_schedule": "cosine", "lcm_target_ema": 0.95,
+            "lcm_teacher_steps": 28, "generator_ema": 0.0},
+}
+RECIPES_FILE = Path(__file__).with_name("toy_recipes.json")
+
+
+def recipe(method: str, steps: int) -> dict:
+    """The chosen recipe of ``method`` at ``steps`` (``RECIPES_FILE``), else its baseline."""
+    if RECIPES_FILE.exists():
+        chosen = json.loads(RECIPES_FILE.read_text())["recipes"]
+        if f"{method}-{steps}" in chosen:
+            return dict(chosen[f"{method}-{steps}"]["settings"])
+    return dict(BASELINE[method])
+
+
+def default_runs() -> list[Run]:
+    """``w2svd bench toy``'s runs: every method at its recipe, then the W2SVD ablations at 4 steps."""
+    runs = [Run(m, n, "", recipe(m, n)) for n in (1, 4) for m in ("dmd2", "w2svd", "lcm")]
+    w4 = recipe("w2svd", 4)
+    runs += [Run("w2svd", 4, "reg", {**w4, "lambda_reg": 0.25, "reg_target": "paper"})]
+    runs += [Run("w2svd", 4, f"alpha{a:g}", {**w4, "alpha_weak": a}) for a in (0.0, 0.1, 0.5)]
+    return runs
 
 
 def euler_rows(problem: Problem, teacher: ToyDenoiser, s: ToySettings, steps=(1, 4, 28), which="report") -> list:
@@ -405,7 +433,7 @@ def run_toy(settings: ToySettings | None = None, runs: list[Run] | None = None, 
         rows.append({**row, "fd_floor": ref["fd"], "mode_tv_true": ref["mode_tv"]})
         log(f"  euler {row['steps']:2d} steps: fd {row['fd']:.3f}  modes_lost {row['modes_lost']}")
     curves, traces = {}, {}
-    for run in runs if runs is not None else DEFAULT_RUNS:
+    for run in runs if runs is not None else default_runs():
         result = distill(problem, teacher, run, s, log)
         curves[run.name], traces[run.name] = result["curve"], result["trace"]
         row = {**result_row(run, result), "fd_floor": ref["fd"], "mode_tv_true": ref["mode_tv"]}
