@@ -33,7 +33,16 @@ from pathlib import Path
 
 import torch
 
-from bench._toy_runner import Run, ToySettings, distill, euler_rows, floor, result_row, train_teacher
+from bench._toy_runner import (
+    BASELINE,
+    Run,
+    ToySettings,
+    distill,
+    euler_rows,
+    floor,
+    result_row,
+    train_teacher,
+)
 from w2svd.drift import SIGNALS, DriftGuard
 from w2svd.toy.problems import FAMILY, TEST, TUNING, describe
 
@@ -42,17 +51,6 @@ STEPS = (1, 4)
 ALPHAS = (0.0, 0.1, 0.25, 0.5)
 DRIFT_RISE = 0.25  # the issue's definition of drift: 25 % above the running best
 
-# Baselines of the search: each method's settings before this study (config 0).
-BASELINE = {
-    "w2svd": {"generator_lr": 3e-5, "critic_lr": 1e-3, "gen_update_every": 5, "critic_warmup": 0,
-              "generator_lr_schedule": "cosine", "generator_ema": 0.0, "lambda_gan_gen": 5e-3,
-              "backward_simulation": True, "lambda_reg": 0.0, "reg_target": "paper", "lora_rank": 32},
-    "dmd2": {"generator_lr": 3e-5, "critic_lr": 1e-4, "gen_update_every": 5, "critic_warmup": 0,
-             "generator_lr_schedule": "cosine", "generator_ema": 0.0, "lambda_gan_gen": 5e-3,
-             "backward_simulation": True, "lambda_reg": 0.0, "reg_target": "paper"},
-    "lcm": {"generator_lr": 3e-5, "generator_lr_schedule": "cosine", "lcm_target_ema": 0.95,
-            "lcm_teacher_steps": 28, "generator_ema": 0.0},
-}
 # The knobs searched. W2SVD and DMD2 draw the shared knobs together (same values in config i).
 SHARED_SPACE = {
     "generator_lr": [3e-5, 1e-4, 3e-4],
@@ -468,6 +466,13 @@ def plot_family(rows: list[dict], entries: list[dict], out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The study's sizes, spelled out (not ToySettings' defaults) so a resumed study keeps them: a
+# smaller network and batch than ``w2svd bench toy`` so that ~300 runs fit in about two hours.
+FAMILY_SETTINGS = ToySettings(teacher_steps=4000, teacher_lr=1e-3, teacher_batch=256, hidden=64, depth=3, batch=128,
+                              generator_updates=400, eval_per_caption=5000, eval_every=25, guard_every=5,
+                              guard_window=8)
+
+
 def fast_study(out: Path, log=print) -> Study:
     """The size of the unit test: one tiny tuning and one tiny test problem, two configurations each."""
     s = ToySettings(teacher_steps=500, hidden=32, teacher_batch=128, batch=64, generator_updates=16, eval_per_caption=300,
@@ -490,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast:
         study = fast_study(args.out)
     else:
-        study = Study(args.out, ToySettings(eval_per_caption=5000, eval_every=25), args.configs, args.seeds, TUNING,
-                      TEST, tuple(args.alpha_steps))
+        study = Study(args.out, FAMILY_SETTINGS, args.configs, args.seeds, TUNING, TEST, tuple(args.alpha_steps))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"toy-family: {len(study.tuning)} tuning + {len(study.test)} test problems, {study.configs} configurations "
           f"per method, seeds {study.seeds}, pid {os.getpid()}", flush=True)
