@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pipelines.generate", "Ray Data: a prompt table → mp4s + a results Parquet"),
     "serve": ("pipelines.serve", "Ray Serve: the generator as an HTTP video API (foreground)"),
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
-    "bench": ("pipelines.bench", "benchmarks: toy, ..."),
+    "bench": ("bench", "benchmarks: toy, toy-family, ... (bench/NAME.py)"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }
 

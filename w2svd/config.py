@@ -89,6 +89,8 @@ class MethodConfig:
     generator_lora_rank: int = 64
     lora_targets: str = HUNYUAN_LORA_TARGETS
     gen_update_every: int = 5
+    # Critic-only iterations before the first generator update (w2svd.iteration.Cadence).
+    critic_warmup: int = 0
     sigma_min: float = 0.02
     sigma_max: float = 0.98
     shift: float = 7.0
@@ -102,6 +104,8 @@ class MethodConfig:
     lambda_gan_gen: float = 5e-3
     lambda_gan_disc: float = 1e-2
     backward_simulation: bool = False
+    # The reg term's target: "paper" (x_gt) or "data_forcing" (the real score's x0 on noised x_gt).
+    reg_target: Literal["paper", "data_forcing"] = "paper"
     sampler: Literal["renoise", "euler"] = "renoise"
     generator_ema: float = 0.0
     # LCM: the teacher grid that consistency pairs are drawn from, and the target EMA.
@@ -155,6 +159,8 @@ class OptimConfig:
     generator_lr: float = 2e-6
     critic_lr: float = 2e-5
     disc_lr: float = 2e-5
+    # The generator's rate over its updates: "constant" or "cosine" (to 0 at the last update).
+    generator_lr_schedule: Literal["constant", "cosine"] = "constant"
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -183,6 +189,17 @@ class HealthConfig:
     sample_std_band: list[float] = field(default_factory=lambda: [0.2, 5.0])
     # Any loss above this (e.g. a diverging fake-score loss) counts as out of band.
     loss_max: float = 1.0e4
+    # The drift guard (w2svd.drift.DriftGuard): a training-only signal against its running best,
+    # checked every drift_every steps; rollbacks share max_rollbacks and lr_decay_on_rollback.
+    drift_enabled: bool = True
+    drift_signal: Literal["proj_gap", "disc_acc", "score_gap", "critic_loss"] = "proj_gap"
+    drift_rise: float = 0.5
+    drift_margin: float = 0.0
+    drift_patience: int = 3
+    drift_warmup: int = 5
+    drift_smoothing: float = 0.5
+    drift_action: Literal["rollback", "stop"] = "stop"
+    drift_every: int = 25
 
 
 @dataclass
@@ -523,6 +540,9 @@ def validate(cfg: Config) -> None:
     for key in ("lambda_dmd", "lambda_reg", "lambda_gan_gen", "lambda_gan_disc"):
         _check(getattr(m, key) >= 0, f"method.{key} must be >= 0")
     _check(0.0 <= m.generator_ema < 1.0, "method.generator_ema must lie in [0, 1)")
+    _check(m.critic_warmup >= 0, "method.critic_warmup must be >= 0")
+    _check(m.critic_warmup < o.steps, f"method.critic_warmup = {m.critic_warmup} leaves no generator update "
+           f"in optim.steps = {o.steps}")
     _check(0.0 <= m.lcm_target_ema < 1.0, "method.lcm_target_ema must lie in [0, 1)")
     if m.name == "dmd2" and m.generator == "lora":
         raise ValueError("method.generator = 'lora' needs method.name = 'w2svd' (vanilla DMD2 keeps full copies)")
@@ -546,6 +566,10 @@ def validate(cfg: Config) -> None:
     _check(len(h.sample_std_band) == 2 and 0 <= h.sample_std_band[0] < h.sample_std_band[1],
            "health.sample_std_band must be [low, high] with 0 <= low < high")
     _check(h.loss_max > 0, "health.loss_max must be positive")
+    _check(h.drift_rise >= 0 and h.drift_margin >= 0, "health.drift_rise and health.drift_margin must be >= 0")
+    _check(h.drift_patience >= 1 and h.drift_warmup >= 0 and h.drift_every >= 1,
+           "health.drift_patience and health.drift_every must be >= 1, health.drift_warmup >= 0")
+    _check(0.0 <= h.drift_smoothing < 1.0, "health.drift_smoothing must lie in [0, 1)")
     _check(p.max_failures >= 0, "parallel.max_failures must be >= 0")
     _check(p.cpus_per_worker > 0, "parallel.cpus_per_worker must be positive")
     _check(sum(a.rope_axes_dim) == a.attention_head_dim,
