@@ -49,6 +49,13 @@ class Trainable(Protocol):
         ...
 
 
+class Averaged(Protocol):
+    """An average of the generator kept beside it (``GeneratorEMA`` here, or a distributed job's
+    partition-aware one): ``update()`` after every generator update."""
+
+    def update(self) -> None: ...
+
+
 class TorchTrainable:
     """``Trainable`` over a plain torch optimizer (the toy, single-process runs)."""
 
@@ -154,7 +161,7 @@ class IterationResult:
 
 def train_iteration(it: int, roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings, cadence: Cadence,
                     critic: Trainable, generator: Trainable, *, rng: torch.Generator | None = None,
-                    ema: GeneratorEMA | None = None, lr_scale: float = 1.0,
+                    ema: Averaged | None = None, lr_scale: float = 1.0,
                     check: Callable[[dict], bool] | None = None) -> IterationResult:
     """Iteration ``it``: one critic update, then a generator update when ``cadence`` says so.
 
