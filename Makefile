@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-all lint bench-toy clean
+.PHONY: venv demo test test-gpu test-all lint bench-toy clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" -q
+
+# On a machine with a CUDA GPU (the image's CUDA torch): the GPU smoke suite, under five minutes.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu -q -s tests/gpu
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -19,8 +19,13 @@ loading must match the one recorded at save, so a key DeepSpeed skipped cannot p
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import math
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +103,8 @@ class Saved:
 
     state: dict
     samples: dict | None
-    ema: dict | None
+    # This rank's EMA share, or every rank's (in rank order) when the world size changed.
+    ema: dict | list[dict] | None
 
 
 def write(folder: Path, trained: list[Trained], rank: int, state: dict, rng: dict, samples: dict,
@@ -117,14 +123,37 @@ def write(folder: Path, trained: list[Trained], rank: int, state: dict, rng: dic
         (folder / CONFIG_FILE).write_text(config_yaml)
 
 
+def to_universal(folder: Path, tag: str, out: Path) -> None:
+    """DeepSpeed's universal form of one role's checkpoint (``out/<tag>``): parameter by parameter
+    instead of partition by rank, which is what lets a run resume on another number of workers."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(folder / tag), output_folder=str(out / tag), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # progress bars of a conversion nobody watches
+        ds_to_universal.main(args)
+
+
 def read(folder: Path, trained: list[Trained], rank: int, rng: torch.Generator, device: torch.device,
-         extra: dict[str, nn.Module]) -> Saved:
+         extra: dict[str, nn.Module], world: int) -> Saved:
     """Load every engine (strictly checked), the extra modules and this rank's RNG; returns the
-    recorded state and this rank's samples and EMA share (None when absent)."""
+    recorded state and this rank's samples and EMA share (None when absent).
+
+    A checkpoint written by another number of workers is converted to DeepSpeed's universal form
+    first (each rank into its own temporary folder; the engines must have been built with
+    ``load_universal``), and its data position is rescaled to the new world."""
     state = json.loads((folder / STATE_FILE).read_text())
-    for t in trained:
-        t.engine.load_checkpoint(str(folder), tag=t.name, load_module_strict=False)
+    reshaped = state.get("world_size", world) != world
+    with tempfile.TemporaryDirectory(prefix=f"w2svd-universal-{rank}-") as tmp:
+        for t in trained:
+            if reshaped:
+                to_universal(folder, t.name, Path(tmp))
+                t.engine.load_checkpoint(tmp, tag=t.name, load_module_strict=False)
+            else:
+                t.engine.load_checkpoint(str(folder), tag=t.name, load_module_strict=False)
     check_restored(trained, state["fingerprints"], f"checkpoint at step {state['step']}")
+    if reshaped:  # the same number of batches seen in all, spread over the new ranks
+        state["data_position"] = state["data_position"] * state["world_size"] // world
     for name, module in extra.items():
         module.load_state_dict(torch.load(folder / f"{name}.pt", map_location=device))
     rng_file = folder / f"rng_rank{rank}.pt"
@@ -135,18 +164,28 @@ def read(folder: Path, trained: list[Trained], rank: int, rng: torch.Generator, 
         path = folder / name
         return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
-    return Saved(state, optional(f"samples_rank{rank}.pt"), optional(f"ema_rank{rank}.pt"))
+    ema = optional(f"ema_rank{rank}.pt")
+    if reshaped and ema is not None:
+        ema = [optional(f"ema_rank{r}.pt") for r in range(state["world_size"])]
+    return Saved(state, optional(f"samples_rank{rank}.pt"), ema)
 
 
-def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions, before: int | None = None) -> str | None:
-    """The URI of the newest checkpoint under ``checkpoints_uri`` (Ray Train's experiment folder)
-    written while the run was in band, at a step below ``before`` if given; None if none is."""
+def written(checkpoints_uri: str, options: storage.StorageOptions | None) -> dict[int, str]:
+    """step → URI of every checkpoint under ``checkpoints_uri`` (Ray Train's experiment folder)."""
     steps: dict[int, str] = {}
     for entry in storage.list_files(checkpoints_uri, options):
         rel = storage.relative(entry.uri, checkpoints_uri)
         folder, _, name = rel.partition("/")
         if name == STATE_FILE and folder.startswith(DIR_PREFIX):
             steps[int(folder[len(DIR_PREFIX):])] = storage.join(checkpoints_uri, folder)
+    return steps
+
+
+def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions | None,
+                   before: int | None = None) -> str | None:
+    """The URI of the newest checkpoint written while the run was in band, at a step below
+    ``before`` if given; None if none is."""
+    steps = written(checkpoints_uri, options)
     for step in sorted(steps, reverse=True):
         if before is not None and step >= before:
             continue
@@ -154,3 +193,14 @@ def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions, before
         if state.get("in_band", True):
             return steps[step]
     return None
+
+
+def best_by_drift(checkpoints_uri: str, options: storage.StorageOptions | None) -> str | None:
+    """The URI of the kept checkpoint with the lowest drift signal (the drift guard's "keep the
+    best" when it stops a run); None when no checkpoint recorded one."""
+    best = None
+    for uri in written(checkpoints_uri, options).values():
+        signal = (storage.read_json(storage.join(uri, STATE_FILE), options) or {}).get("drift_signal")
+        if signal is not None and math.isfinite(signal) and (best is None or signal < best[0]):
+            best = (signal, uri)
+    return None if best is None else best[1]

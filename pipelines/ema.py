@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pipelines.collectives import world
 from pipelines.engines import local_values
 
 
@@ -48,6 +49,20 @@ class GeneratorEMA:
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_shares(self, shares: list[dict]) -> None:
+        """The EMA from every rank's ``state_dict`` (in rank order) of a run with another number
+        of workers: a ZeRO-3 share is a slice of the flattened parameter, so the shares joined
+        in rank order are the whole parameter, re-sliced here for this rank's partition."""
+        rank = world()[0]
+        for i, p in enumerate(self.params):
+            part = getattr(p, "ds_tensor", None)
+            if part is None:  # whole on every rank
+                self.shadow[i] = shares[0]["shadow"][i].float().clone()
+                continue
+            flat = torch.cat([s["shadow"][i].reshape(-1) for s in shares])
+            start = rank * part.numel()
+            self.shadow[i] = flat[start:start + self.shadow[i].numel()].float().clone()
 
     def load_state_dict(self, state: dict) -> None:
         shapes = [tuple(s.shape) for s in self.shadow]

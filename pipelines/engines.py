@@ -27,8 +27,9 @@ from w2svd.config import Config
 from w2svd.memory import REDUCE_BUCKET_ELEMENTS
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping."""
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
+    """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping, and
+    whether checkpoints load in universal form (a resume on another number of workers)."""
     p = cfg.parallel
     # Stated, not left to DeepSpeed's default: w2svd/memory.py plans with the same bucket.
     zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
@@ -39,6 +40,7 @@ def deepspeed_config(cfg: Config) -> dict:
         zero.update(stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0,
                     stage3_param_persistence_threshold=p.zero3_persistence_threshold)
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -51,13 +53,17 @@ def deepspeed_config(cfg: Config) -> dict:
 
 @dataclass
 class Trained:
-    """One trained role: its DeepSpeed engine and the configured learning rate of each group."""
+    """One trained role: its DeepSpeed engine and the configured learning rate of each group
+    (a ``w2svd.iteration.Trainable``: the distributed job runs the library's iteration)."""
 
     name: str
     engine: object
     optimizer: torch.optim.Optimizer
     lrs: list[float]
     params: list[nn.Parameter]
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -80,7 +86,7 @@ class Trained:
 
 
 def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]],
-                cfg: Config) -> Trained:
+                cfg: Config, load_universal: bool = False) -> Trained:
     """Wrap the parameter groups ``[(params, lr), …]`` of one role in a DeepSpeed engine.
 
     ``modules`` are the modules whose forward uses the parameters: ZeRO-3 partitions them and
@@ -93,20 +99,27 @@ def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.
     groups = [(list(params), lr) for params, lr in groups if params]
     optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups],
                                   betas=tuple(o.betas), weight_decay=o.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=nn.ModuleList(modules), optimizer=optimizer,
-                                           config=deepspeed_config(cfg), dist_init_required=False)
+    wrapped = nn.ModuleList(modules)
+    # Recorded in every checkpoint; its presence is what lets DeepSpeed convert the checkpoint to
+    # universal form (a resume on another number of workers). Empty: no tensor-parallel slicing.
+    wrapped.universal_checkpoint_info = {}
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, load_universal), dist_init_required=False)
     return Trained(name, engine, optimizer, [lr for _, lr in groups], [p for params, _ in groups for p in params])
 
 
-def make_role_engines(roles, cfg: Config) -> tuple[Trained, Trained]:
+def make_role_engines(roles, cfg: Config, load_universal: bool = False) -> tuple[Trained, Trained]:
     """The critic engine (fake score: LoRA or DMD2's copy, plus the discriminator head) and the
-    generator engine of the distillation roles (``w2svd.roles.Roles``)."""
+    generator engine of the distillation roles (``w2svd.roles.Roles``): what ``pipelines.distill``
+    trains and ``bench/memory.py`` measures. ``load_universal``: a resume on another number of
+    workers (``WorkerSession.reshaped``)."""
     o = cfg.optim
     disc = [] if roles.disc is None else [roles.disc]
     critic = make_engine("critic", [roles.fake.backbone, *disc],
-                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg)
+                         [(roles.fake_score_parameters(), o.critic_lr), (roles.disc_parameters(), o.disc_lr)], cfg,
+                         load_universal=load_universal)
     generator = make_engine("generator", [roles.generator.backbone],
-                            [(roles.generator_parameters(), o.generator_lr)], cfg)
+                            [(roles.generator_parameters(), o.generator_lr)], cfg, load_universal=load_universal)
     return critic, generator
 
 

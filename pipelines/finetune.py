@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.engines import make_engine
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
 from w2svd.baselines import flow_matching_step
-from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
+from w2svd.export import sampler_settings_for, save_generator_export
 from w2svd.models.hunyuan import build_backbone
 from w2svd.roles import View, adapter_parameters, add_lora
 from w2svd.schedule import sample_logit_normal_sigmas
@@ -36,16 +35,12 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         teacher.requires_grad_(True)
         model_view, params = View(teacher), list(teacher.parameters())
-    model = make_engine("teacher", [teacher], [(params, o.finetune_lr)], cfg)
+    model = s.engine("teacher", [teacher], [(params, o.finetune_lr)])
     trained = [model]
     s.count_memory(teacher)
     s.restore(trained)
     settings = sampler_settings_for(cfg, role="teacher")
-
-    def validation_samples():
-        fixed = s.fixed_samples()
-        noise, gen = s.sample_noise(fixed.x)
-        return sample_latents(model_view, settings, fixed.cond, noise, gen)
+    validation_samples = s.previews_of(model_view, settings)
 
     batches = s.batches()
     while s.step < s.total_steps:

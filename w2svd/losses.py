@@ -28,9 +28,10 @@ def dmd_loss(x_hat: torch.Tensor, x0_fake: torch.Tensor, x0_target: torch.Tensor
 
     With ``x0_target = x0_real`` this is the distribution-matching term; with the ground truth
     ``x_gt`` in its place it is W2SVD's regulariser (the same form, a different target).
-    ``x0_fake`` and ``x0_target`` carry no gradient.
+    ``x0_fake`` and ``x0_target`` carry no gradient. A NaN or inf in either score stays in the
+    loss, where the health check sees it and rolls back before any update lands.
     """
-    grad = torch.nan_to_num(dmd_gradient(x_hat.detach(), x0_fake.detach(), x0_target.detach()))
+    grad = dmd_gradient(x_hat.detach(), x0_fake.detach(), x0_target.detach())
     target = (x_hat - grad).detach()
     return 0.5 * F.mse_loss(x_hat, target, reduction="mean")
 

@@ -134,8 +134,11 @@ class DiscriminatorHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # The head keeps its own dtype (fp32 beside a bf16 backbone, unless DeepSpeed casts the
+        # whole engine): features are cast to it, and the logits come back in fp32 for the loss.
         tokens_BND = features if features.dim() == 3 else features.unsqueeze(1)
-        return self.net(tokens_BND).mean(dim=(1, 2))
+        tokens_BND = tokens_BND.to(self.net[1].weight.dtype)
+        return self.net(tokens_BND).mean(dim=(1, 2)).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +230,6 @@ class Roles(nn.Module):
 
     def generator_x0(self, x, sigma_B, cond: Cond) -> torch.Tensor:
         return x0_from_velocity(x, self.generator_velocity(x, sigma_B, cond), sigma_B)
-
-    def teacher_velocity(self, x, sigma_B, cond: Cond) -> torch.Tensor:
-        """The frozen teacher with full guidance: Euler sampling and LCM targets."""
-        return guided_velocity(self.teacher, x, sigma_B, cond, self.guidance.mode, self.guidance.scale)
 
     def real_x0(self, x_s, sigma_B, cond: Cond) -> torch.Tensor:
         v = guided_velocity(self.real, x_s, sigma_B, cond, self.guidance.mode, self.guidance.scale)

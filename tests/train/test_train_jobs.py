@@ -3,10 +3,15 @@ S3-compatible server (moto on 127.0.0.1) and a real MLflow store.
 
 Runs are shared between tests through module fixtures (each costs tens of seconds on 2 cores):
 
-    reference   distill, w2svd full generator, 4 steps, storage and data in the bucket
-    faulted     the same config, a worker raises at step 3 → FailureConfig restart from step 2
+    reference   distill, w2svd full generator, ZeRO-2, 4 steps, storage and data in the bucket
+    faulted     the same under ZeRO-3, a worker raises at step 3 → FailureConfig restart from step 2
+    reshaped    faulted continued to step 6 on ONE worker, and a copy of reference (from the bucket)
+                continued the same way: resume on another number of workers, ZeRO-3 and ZeRO-2
     nan_lora    shared-base (LoRA generator) run with a NaN injected at step 3 → rollback
     finetune    teacher flow-matching fine-tune
+
+Every distillation run keeps a generator EMA (``method.generator_ema``), exported instead of the
+raw generator.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from w2svd.roles import View, build_roles_from_config
 pytestmark = pytest.mark.slow
 
 BUCKET = "w2svd-train-test"
-COMMON = ["optim.steps=4", "parallel.materialize_data=true"]
+COMMON = ["optim.steps=4", "parallel.materialize_data=true", "method.generator_ema=0.9", "health.drift_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +69,27 @@ def reference(services, shard_writer):
 @pytest.fixture(scope="module")
 def faulted(services, tmp_path_factory, shard_writer):
     run_dir = str(tmp_path_factory.mktemp("faulted"))
-    cfg = _cfg(services, "debug.fail_at_step=3")
+    cfg = _cfg(services, "debug.fail_at_step=3", "parallel.zero_stage=3")
     data = shard_writer(str(tmp_path_factory.mktemp("latents-copy")))  # same rows, local copy
     result = train("distill", distill.train_loop_per_worker, cfg, data, run_dir)
-    return {"result": result, "run_dir": run_dir}
+    return {"result": result, "run_dir": run_dir, "data": data}
+
+
+@pytest.fixture(scope="module")
+def reshaped(services, reference, faulted):
+    """Both runs continued from their step-4 checkpoint to step 6 on a single worker."""
+    s3 = boto3.client("s3")
+    copy_dir = f"s3://{BUCKET}/runs/reshaped"
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/reference/"):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("result.json"):  # the copy is a run that has not finished
+                s3.copy_object(Bucket=BUCKET, Key=obj["Key"].replace("runs/reference/", "runs/reshaped/", 1),
+                               CopySource={"Bucket": BUCKET, "Key": obj["Key"]})
+    one = ["optim.steps=6", "parallel.num_workers=1"]
+    zero2 = train("distill", distill.train_loop_per_worker, _cfg(services, *one), reference["data"], copy_dir)
+    zero3 = train("distill", distill.train_loop_per_worker, _cfg(services, *one, "parallel.zero_stage=3"),
+                  faulted["data"], faulted["run_dir"])
+    return {"zero2": zero2, "zero3": zero3, "zero2_dir": copy_dir}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +109,7 @@ def test_s3_run_checkpoints_mlflow_and_export(services, reference):
     assert result["checkpoint"].startswith(f"s3://{BUCKET}/runs/reference/train/checkpoint_")
     assert result["export"] == f"{run_dir}/export"
     assert json.loads(storage.read_bytes(f"{run_dir}/result.json")) == result
+    assert result["checkpoint"] == f"s3://{BUCKET}/runs/reference/train/checkpoint_step00000004"
 
     # Checkpoints are in the bucket, with every role's engine state and both ranks' RNG.
     keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
@@ -105,9 +128,11 @@ def test_s3_run_checkpoints_mlflow_and_export(services, reference):
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.params["method.name"] == "w2svd" and run.data.params["optim.steps"] == "4"
     assert sorted(_history(services, run.info.run_id, "critic/loss")) == [1, 2, 3, 4]
-    assert sorted(_history(services, run.info.run_id, "gen/dmd")) == [2, 4]
+    # The shared iteration (w2svd/iteration.py): the generator moves at iterations 0 and 2 (steps 1, 3).
+    assert sorted(_history(services, run.info.run_id, "gen/dmd")) == [1, 3]
     for key in ("lr/generator", "perf/step_time_s", "perf/samples_per_s", "perf/peak_memory_mb",
-                "grad_norm/critic", "quick/temporal_flickering", "system/cpu_utilization_percentage"):
+                "grad_norm/critic", "quick/temporal_flickering", "system/cpu_utilization_percentage",
+                "guard/signal"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_000003.mp4"} <= artifacts
@@ -136,6 +161,28 @@ def test_worker_failure_restarts_and_ends_where_an_uninterrupted_run_ends(servic
     assert sorted(history) == [1, 2, 3, 4]
     # Step 3 ran twice: before the failure, and again after resuming from the step-2 checkpoint.
     assert len(history[3]) == 2 and all(len(history[s]) == 1 for s in (1, 2, 4))
+
+
+def test_the_ema_export_of_a_killed_zero3_run_equals_the_uninterrupted_one(reference, faulted):
+    # The EMA is checkpointed per rank (a ZeRO-3 partition each here) and resumed: restarting it
+    # at the step-2 checkpoint from the weights there would give another export.
+    ref, _ = load_generator(reference["result"]["export"])
+    got, _ = load_generator(faulted["result"]["export"])
+    for (name, a), (_, b) in zip(ref.named_parameters(), got.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_run_resumes_on_another_number_of_workers(services, reference, faulted, reshaped):
+    for key in ("zero2", "zero3"):
+        result = reshaped[key]
+        assert result["status"] == "finished" and result["steps"] == 6, result
+        assert _history(services, result["mlflow_run_id"], "critic/loss").keys() == {1, 2, 3, 4, 5, 6}
+    # ZeRO-2 from the bucket: the continued run's checkpoints and export are in the bucket too.
+    assert reshaped["zero2"]["checkpoint"].startswith(f"{reshaped['zero2_dir']}/train/checkpoint_step00000006")
+    state = json.loads(storage.read_bytes(f"{reshaped['zero2']['checkpoint']}/state.json"))
+    assert state["world_size"] == 1 and state["data_position"] == 4 * 2 // 1 + 2
+    backbone, _ = load_generator(reshaped["zero3"]["export"])
+    assert all(torch.isfinite(p).all() for p in backbone.parameters())
 
 
 def test_losses_after_resume_match_the_uninterrupted_run(services, reference, faulted):

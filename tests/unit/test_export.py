@@ -83,3 +83,35 @@ def test_teacher_settings_and_bad_sampler_file(tmp_path):
         SamplerSettings(2, [1.0], 1.0, "euler", "none", 1.0, "hunyuan-t2v", 16, "w2svd")
     with pytest.raises(FileNotFoundError, match="sampler.json"):
         load_generator(tmp_path)
+
+
+def test_lcm_trains_validates_and_exports_at_one_guidance(tmp_path):
+    """The LCM student sees in training the guidance its sampler.json declares, and the
+    training-time validation sample equals the exported generator's sample on the same noise."""
+    import copy
+
+    from w2svd.baselines import lcm_step
+    from w2svd.export import sample_latents
+    from w2svd.roles import Guidance, View
+
+    cfg = load_config("debug", ["method.name=lcm", "method.guidance_scale=6.0"])
+    settings = sampler_settings_for(cfg)
+    assert (settings.guidance_mode, settings.guidance_scale) == ("embedded", 6.0)
+    teacher = build_backbone(cfg.model).requires_grad_(False)
+    student = View(copy.deepcopy(teacher).requires_grad_(True))
+    target = View(copy.deepcopy(teacher))
+    seen = []
+    for view in (student, target):
+        view.backbone.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(float((args + (None,) * 4)[3].flatten()[0])), with_kwargs=True)
+    x, cond = torch.randn(2, 16, 3, 8, 6), _cond(cfg)
+    lcm_step(student, target, View(teacher), x, cond, teacher_steps=4, shift=cfg.method.shift,
+             guidance=Guidance.from_config(cfg.method), generator=torch.Generator().manual_seed(0))
+    assert seen == [settings.guidance_scale * 1000.0] * 2  # target and student, as served
+
+    noise = torch.randn(2, 16, 3, 8, 6, generator=torch.Generator().manual_seed(5))
+    validation = sample_latents(student, settings, cond, noise, torch.Generator().manual_seed(6))
+    save_generator_export(student.backbone, tmp_path / "export", settings, cfg)
+    exported, loaded_settings = load_generator(tmp_path / "export")
+    served = generate_latents(exported, loaded_settings, cond, noise, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(served, validation, rtol=1e-5, atol=1e-6)

@@ -66,3 +66,14 @@ def test_cfg_combine():
     assert torch.allclose(L.cfg_combine(u, c, 1.0), c)
     assert torch.allclose(L.cfg_combine(u, c, 6.0), u + 6.0 * (c - u))
     assert torch.allclose(F.mse_loss(L.cfg_combine(u, c, 0.0), u), torch.tensor(0.0))
+
+
+def test_a_non_finite_score_surfaces_in_the_dmd_loss():
+    # A NaN in the fake or real score must reach the loss (and so the health check), not be
+    # zeroed on the way into a silent no-op update.
+    x_hat = torch.randn(2, 3, requires_grad=True)
+    x0_real = torch.randn(2, 3)
+    for bad in (float("nan"), float("inf")):
+        x0_fake = torch.randn(2, 3)
+        x0_fake[1, 2] = bad
+        assert not torch.isfinite(L.dmd_loss(x_hat, x0_fake, x0_real))

@@ -76,3 +76,20 @@ def test_alpha_weak_zero_is_the_frozen_hunyuan_teacher():
     want = x0_from_velocity(x, reference(x, s, cond, g), s)
     assert torch.equal(roles.real_x0(x, s, cond), want)
     assert not torch.allclose(roles.fake_x0(x, s, cond), want)
+
+
+@pytest.mark.parametrize("generator", ["full", "lora"])
+def test_bf16_backbone_runs_both_steps_outside_deepspeed(generator):
+    # model.dtype = bfloat16 with no DeepSpeed cast around it (precision fp32, evaluation): the
+    # discriminator head (fp32) must take the backbone's bf16 features.
+    cfg = tiny("hunyuan-t2v", generator, ["model.dtype=bfloat16"])
+    roles = build_roles_from_config(build_backbone(cfg.model), cfg.method)
+    assert roles.base.dtype == torch.bfloat16 and roles.disc is not None
+    st = StepSettings.from_config(cfg.method)
+    x, cond = latents_and_cond(cfg, "hunyuan-t2v")
+    critic = critic_step(roles, x, cond, st)
+    gen = generator_step(roles, x, cond, st)
+    assert {"critic/disc", "critic/flow_matching"} <= set(critic) and "gen/gan" in gen
+    assert all(torch.isfinite(torch.tensor(v)) for v in (*critic.values(), *gen.values()))
+    trained = [p for p in roles.generator_parameters() if p.grad is not None]
+    assert trained and all(torch.isfinite(p.grad.float()).all() for p in trained)
