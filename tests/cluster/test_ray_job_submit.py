@@ -52,14 +52,19 @@ def free_ports(n: int) -> list[int]:
 
 
 def session_processes(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (zombies have exited: they only wait to be reaped)."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == sid:
-                    out.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
+                if os.getsid(int(entry)) != sid:
+                    continue
+                with open(f"/proc/{entry}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                continue
+            if state != "Z":
+                out.append(int(entry))
     return out
 
 
@@ -118,7 +123,9 @@ def ray_head():
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait_s
-            while session_processes(sid) and time.monotonic() < deadline:
+            while process.poll() is None or session_processes(sid):  # poll() reaps the leader
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.5)
             if not session_processes(sid):
                 break
