@@ -4,11 +4,12 @@
     w2svd plan --config hunyuan-t2v-13b --gpus 8 --gpu-mem-gib 80 --method w2svd-lora --zero 2
 
 For each method (all three by default: W2SVD with a full generator, W2SVD shared-base, vanilla
-DMD2) it prints, per GPU: weights, gradients, optimizer state (fp32 master + Adam), DeepSpeed's
-reduce buckets, the activations of one critic and one generator step for the configured bucket
-with and without gradient checkpointing, the peak, whether it fits, the largest batch per GPU
-that fits, and the smallest number of such GPUs on which the run fits. The memory model is
-``w2svd/memory.py``, checked against measurements by ``w2svd bench memory``.
+DMD2) it prints, per GPU: weights, gradients, optimizer state (fp32 master + Adam), the generator
+EMA (``method.generator_ema``), DeepSpeed's reduce buckets, the activations of one critic and one
+generator step for the configured bucket with and without gradient checkpointing, the peak,
+whether it fits, the largest batch per GPU that fits, and the smallest number of such GPUs on
+which the run fits. The memory model is ``w2svd/memory.py``, checked against measurements by
+``w2svd bench memory``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def table(rows: list[dict], args) -> str:
     row("weights", [f"{g(p.parameters):.2f}" for p in cols])
     row("gradients", [f"{g(p.gradients):.2f}" for p in cols])
     row("optimizer (fp32 master + Adam)", [f"{g(p.optimizer):.2f}" for p in cols])
+    row("generator EMA (fp32)", [f"{g(p.state.ema):.2f}" for p in cols])
     row("reduce buckets", [f"{g(p.state.buckets):.2f}" + (" held" if p.state.buckets_held else " in bwd")
                            for p in cols])
     for step in ("critic", "generator"):

@@ -21,6 +21,9 @@ holds them was read from its engines by ``w2svd bench memory``. With N data-para
             buckets      one per engine, allocated once                            2 · R · e
     optimizer step       the fp32 gradient and two Adam temporaries of the largest
                          parameter group, while the step runs                      3 · ⌈G/N⌉ · 4
+    generator EMA        fp32 copy of the generator engine's trained values this
+                         rank holds (``method.generator_ema`` > 0; pipelines/ema.py):
+                         ZeRO-2 whole, ZeRO-3 its partitions                       Σ n · 4, Σ ⌈n/N⌉ · 4
 
 (``R``: DeepSpeed's ``reduce_bucket_size``, ``REDUCE_BUCKET_ELEMENTS`` below, which
 ``pipelines.engines`` passes to DeepSpeed.) Activations are a linear model in the shapes of one
@@ -216,12 +219,13 @@ class State:
     buckets: int
     buckets_held: bool  # ZeRO-3: allocated once; ZeRO-2: during each backward
     step_transient: tuple[int, ...]  # per engine
+    ema: int = 0  # the generator EMA's fp32 shadow (0 without EMA)
 
 
 def state_bytes(lay: Layout, ranks: int, zero_stage: int, weight_bytes: int,
-                persistence: int = 0, bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> State:
-    """Parameters, gradients, optimizer state, reduce buckets and optimizer-step temporaries of
-    one of ``ranks`` ranks under ZeRO ``zero_stage`` (2 or 3)."""
+                persistence: int = 0, bucket_elements: int = REDUCE_BUCKET_ELEMENTS, ema: bool = False) -> State:
+    """Parameters, gradients, optimizer state, reduce buckets, optimizer-step temporaries and
+    (``ema``) the generator EMA of one of ``ranks`` ranks under ZeRO ``zero_stage`` (2 or 3)."""
     if zero_stage not in (2, 3):
         raise ValueError(f"zero_stage {zero_stage}: the planner models ZeRO-2 and ZeRO-3")
     e = weight_bytes
@@ -244,8 +248,11 @@ def state_bytes(lay: Layout, ranks: int, zero_stage: int, weight_bytes: int,
     step = tuple(STEP_TEMPORARIES * FP32 * max((partition(sum(g), ranks) for g in eng.groups), default=0)
                  for eng in lay.engines)
     n_buckets = len(lay.engines) if zero_stage == 3 else 1
+    gen = [n for g in lay.engines[-1].groups for n in g]  # the generator engine's trained parameters
+    ema_bytes = FP32 * sum(partition(n, ranks) if zero_stage == 3 else n for n in gen) if ema else 0
     return State(parameters=params, gradients=grads, optimizer=ADAM_BYTES * sum(trained),
-                 buckets=n_buckets * bucket_elements * e, buckets_held=zero_stage == 3, step_transient=step)
+                 buckets=n_buckets * bucket_elements * e, buckets_held=zero_stage == 3, step_transient=step,
+                 ema=ema_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +416,7 @@ class Plan:
     @property
     def held(self) -> float:
         st = self.state
-        return st.parameters + st.optimizer + (sum(st.gradients) + st.buckets if st.buckets_held else 0)
+        return st.parameters + st.optimizer + st.ema + (sum(st.gradients) + st.buckets if st.buckets_held else 0)
 
     def peak(self, checkpointing: bool | None = None) -> float:
         return self.held + max(self.phases(checkpointing).values())
@@ -425,7 +432,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"method": self.method, "gpus": self.gpus, "zero_stage": self.zero_stage, "batch": self.batch,
                 "parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
-                "buckets": self.state.buckets, "step_transient": max(self.state.step_transient),
+                "buckets": self.state.buckets, "ema": self.state.ema, "step_transient": max(self.state.step_transient),
                 "activations": {k: {str(c).lower(): v for c, v in d.items()} for k, d in self.activations.items()},
                 "peak": self.peak(), "fits": self.fits, "max_batch": getattr(self, "max_batch", None),
                 "notes": self.notes}
@@ -505,7 +512,8 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, zero_stage: int | None = No
     e = weight_bytes(cfg)
     dtype = "bfloat16" if e == 2 else "float32"
     st = state_bytes(layout(inventory(cfg), method), gpus, stage, e,
-                     persistence=cfg.parallel.zero3_persistence_threshold if stage == 3 else 0)
+                     persistence=cfg.parallel.zero3_persistence_threshold if stage == 3 else 0,
+                     ema=cfg.method.generator_ema > 0)
     batch = batch or cfg.optim.batch_size
     p = Plan(method, gpus, stage, gpu_mem_gib, reserve_gib, batch, cfg.model.gradient_checkpointing, st,
              step_activations(cfg, method, dtype, batch, frames, gpus, stage), dtype, notes)

@@ -51,6 +51,20 @@ def test_state_bytes_zero3_by_hand():
     assert d.parameters == (16 + (5 + 3 + 2) + (5 + 3)) * 2
 
 
+def test_generator_ema_is_an_fp32_copy_of_the_generators_trained_share():
+    """pipelines/ema.py keeps ``local_values(p).float()`` of each generator parameter: the whole
+    parameter under ZeRO-2, this rank's partition under ZeRO-3; nothing without EMA."""
+    full = memory.layout(INV, "w2svd-full")
+    assert memory.state_bytes(full, 2, 2, 2, bucket_elements=100).ema == 0
+    assert memory.state_bytes(full, 2, 2, 2, bucket_elements=100, ema=True).ema == (10 + 6) * 4
+    assert memory.state_bytes(full, 2, 3, 2, bucket_elements=100, ema=True).ema == (5 + 3) * 4
+    lora = memory.layout(INV, "w2svd-lora")  # the generator trains its LoRA only
+    assert memory.state_bytes(lora, 2, 2, 2, bucket_elements=100, ema=True).ema == (1 + 1) * 4
+    with_ema, without = (memory.plan(load_config("debug", [f"method.generator_ema={d}"]), 1, 1e6, with_max_batch=False)
+                         for d in (0.9, 0.0))
+    assert with_ema.peak() - without.peak() == with_ema.state.ema > 0
+
+
 def test_inventory_counts_the_models_the_roles_build():
     cfg = load_config("debug")
     inv = memory.inventory(cfg)
