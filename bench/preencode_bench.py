@@ -101,7 +101,8 @@ def rate(costs: dict, decode_cpus: float, encoders: int, writers: int = 4) -> fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="w2svd bench preencode-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", default="24,240", help="comma-separated clip counts, each a fresh run of both")
     p.add_argument("--config", default="debug")
     p.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (default: the "
