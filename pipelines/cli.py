@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("pipelines.promote", "move alias champion when the gates hold"),
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
     "bench": ("pipelines.bench", "benchmarks: toy, ..."),
+    "world": ("pipelines.world", "build (or show) a config's self-trained portrait world: VAE, teacher"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }
 
