@@ -1,6 +1,7 @@
 """``w2svd bench NAME``: the project's benchmarks.
 
     w2svd bench toy --out DIR [--fast] [--set key=value ...]
+    w2svd bench portrait --out DIR [--fast] [--study table|collapse|all]   (bench/portrait.py)
 
 ``toy`` trains a flow-matching teacher on a known Gaussian-mixture "video" distribution,
 distills it with W2SVD, DMD2 and LCM at 1 and 4 steps under one budget, compares against
@@ -77,7 +78,23 @@ def plot_curves(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-BENCHMARKS = {"toy": toy_main}
+def script_main(name: str):
+    """``bench/NAME.py``'s ``main(argv)``: benchmarks that live as scripts in the repository's
+    ``bench/`` folder (not an installed package), loaded from their file."""
+    import importlib.util
+
+    def run(argv: list[str]) -> int:
+        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return int(module.main(argv) or 0)
+
+    return run
+
+
+BENCHMARKS = {"toy": toy_main, "portrait": script_main("portrait")}
 
 
 def main(argv: list[str] | None = None) -> int:
