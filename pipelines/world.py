@@ -112,10 +112,12 @@ def check_teacher(config: str, folder: Path, log=print) -> dict:
 
     cfg = load_config(config)
     steps = cfg.method.teacher_steps
-    reports = evaluate_sources({f"teacher-{steps}": teacher_source(config, steps, config),
-                                "teacher-1": teacher_source(config, 1, config)}, cfg, log=log)
+    # The folder itself, not world:CONFIG/teacher: the check must score what was just built even
+    # if the config was edited meanwhile (a new key would name another, unbuilt folder).
+    reports = evaluate_sources({f"teacher-{steps}": teacher_source(str(folder), steps, config),
+                                "teacher-1": teacher_source(str(folder), 1, config)}, cfg, log=log)
     real = real_clips_report(cfg, log=log)
-    write_teacher_strip(cfg, config, folder / SAMPLES_FILE, steps)
+    write_teacher_strip(cfg, str(folder), config, folder / SAMPLES_FILE, steps)
     rows = {"real": real["metrics"], **{k: r["metrics"] for k, r in reports.items()}}
     t = rows[f"teacher-{steps}"]
     verdict = {
@@ -128,11 +130,11 @@ def check_teacher(config: str, folder: Path, log=print) -> dict:
     return {"metrics": rows, "verdict": verdict, "evalset": real["evalset"]}
 
 
-def write_teacher_strip(cfg: Config, config: str, path: Path, steps: int, count: int = 4) -> Path:
+def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, steps: int, count: int = 4) -> Path:
     """Real clips (the evaluation's references) beside the teacher's samples at ``steps`` and 1 step."""
     from pipelines.evaluate import sample_clips, teacher_source, write_sample_strip
 
-    real, clips = sample_clips({f"teacher\nEuler {n} steps": teacher_source(config, n, config) for n in (steps, 1)},
+    real, clips = sample_clips({f"teacher\nEuler {n} steps": teacher_source(teacher, n, config) for n in (steps, 1)},
                                cfg, count)
     return write_sample_strip(path, real, clips)
 
@@ -140,9 +142,10 @@ def write_teacher_strip(cfg: Config, config: str, path: Path, steps: int, count:
 def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = True) -> dict:
     vae_dir, vae_report = world.build_world_vae(config, log=log, force="vae" in force)
     psnr = vae_report.get("test_psnr_saved", vae_report["test_psnr"])
-    if psnr < vae_report["min_psnr"]:
+    bound = load_config(config).world.vae_min_psnr
+    if psnr < bound:
         raise UserError(f"the VAE of {config!r} reaches {psnr:.2f} dB on unseen clips, below world.vae_min_psnr = "
-                        f"{vae_report['min_psnr']}; raise world.vae_steps (its folder {vae_dir} is kept)")
+                        f"{bound}; raise world.vae_steps (its folder {vae_dir} is kept)")
     teacher_dir, teacher_report = build_teacher(config, log, force="teacher" in force, check=check)
     return {"vae": {"path": str(vae_dir), "test_psnr": psnr},
             "teacher": {"path": str(teacher_dir), **{k: teacher_report[k] for k in ("key", "check")
