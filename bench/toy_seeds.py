@@ -1,8 +1,9 @@
 """Seed spread of the toy's key comparison: W2SVD (α_weak 0.25 and 0) vs DMD2 at 1 and 4 steps.
 
-    .venv/bin/python bench/toy_seeds.py --out runs/toy-seeds [--seeds 0 1 2] [--fast]
+    w2svd bench toy-seeds --out runs/toy-seeds [--seeds 0 1 2] [--fast]
 
-Each seed draws a new distribution, teacher and training stream; every method shares them.
+Each seed draws a new mixture (the default problem's construction), teacher and training stream;
+every method shares them. The study over a family of problems is ``w2svd bench toy-family``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,25 @@ from pathlib import Path
 
 import torch
 
-from w2svd.toybench import Run, ToySettings, run_toy
+from bench._toy_runner import Run, ToySettings, run_toy
+from w2svd.toy.problems import GaussianMixtureProblem
 
 RUNS = [Run("w2svd", 1), Run("w2svd", 1, "alpha0", {"alpha_weak": 0.0}), Run("dmd2", 1),
         Run("w2svd", 4), Run("w2svd", 4, "alpha0", {"alpha_weak": 0.0}), Run("dmd2", 4)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="w2svd bench toy-seeds")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fast", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
         settings = dataclasses.replace(ToySettings.fast() if args.fast else ToySettings(), seed=seed)
-        result = run_toy(settings, RUNS, euler_steps=(1, 4, 28))
+        problem = GaussianMixtureProblem(name=f"iso-4x4-seed{seed}", seed=seed)
+        result = run_toy(settings, RUNS, euler_steps=(1, 4, 28), problem=problem)
         rows += [{**r, "seed": seed} for r in result["rows"]]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(rows, indent=2))
@@ -44,7 +47,8 @@ def main() -> None:
         sd = statistics.stdev(fds) if len(fds) > 1 else 0.0
         print(f"| {method} | {variant or '—'} | {steps} | {statistics.mean(fds):.2f} ± {sd:.2f} | "
               f"{', '.join(f'{v:.2f}' for v in fds)} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import random
 import tempfile
 from dataclasses import dataclass
@@ -169,15 +170,22 @@ def read(folder: Path, trained: list[Trained], rank: int, rng: torch.Generator, 
     return Saved(state, optional(f"samples_rank{rank}.pt"), ema)
 
 
-def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions, before: int | None = None) -> str | None:
-    """The URI of the newest checkpoint under ``checkpoints_uri`` (Ray Train's experiment folder)
-    written while the run was in band, at a step below ``before`` if given; None if none is."""
+def written(checkpoints_uri: str, options: storage.StorageOptions | None) -> dict[int, str]:
+    """step → URI of every checkpoint under ``checkpoints_uri`` (Ray Train's experiment folder)."""
     steps: dict[int, str] = {}
     for entry in storage.list_files(checkpoints_uri, options):
         rel = storage.relative(entry.uri, checkpoints_uri)
         folder, _, name = rel.partition("/")
         if name == STATE_FILE and folder.startswith(DIR_PREFIX):
             steps[int(folder[len(DIR_PREFIX):])] = storage.join(checkpoints_uri, folder)
+    return steps
+
+
+def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions | None,
+                   before: int | None = None) -> str | None:
+    """The URI of the newest checkpoint written while the run was in band, at a step below
+    ``before`` if given; None if none is."""
+    steps = written(checkpoints_uri, options)
     for step in sorted(steps, reverse=True):
         if before is not None and step >= before:
             continue
@@ -185,3 +193,14 @@ def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions, before
         if state.get("in_band", True):
             return steps[step]
     return None
+
+
+def best_by_drift(checkpoints_uri: str, options: storage.StorageOptions | None) -> str | None:
+    """The URI of the kept checkpoint with the lowest drift signal (the drift guard's "keep the
+    best" when it stops a run); None when no checkpoint recorded one."""
+    best = None
+    for uri in written(checkpoints_uri, options).values():
+        signal = (storage.read_json(storage.join(uri, STATE_FILE), options) or {}).get("drift_signal")
+        if signal is not None and math.isfinite(signal) and (best is None or signal < best[0]):
+            best = (signal, uri)
+    return None if best is None else best[1]

@@ -19,8 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "metrics of a generator against a reference"),
     "register": ("pipelines.promote", "log an export as an MLflow model version (alias challenger)"),
     "promote": ("pipelines.promote", "move alias champion when the gates hold"),
+    "generate": ("pipelines.generate", "Ray Data: a prompt table → mp4s + a results Parquet"),
+    "serve": ("pipelines.serve", "Ray Serve: the generator as an HTTP video API (foreground)"),
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
-    "bench": ("pipelines.bench", "benchmarks: toy, ..."),
+    "bench": ("bench", "benchmarks: toy, toy-family, ... (bench/NAME.py)"),
     "world": ("pipelines.world", "build (or show) a config's self-trained portrait world: VAE, teacher"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }

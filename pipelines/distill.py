@@ -18,10 +18,12 @@ from pipelines.ema import GeneratorEMA
 from pipelines.engines import check_zero3_sharing
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
+from w2svd import rng
 from w2svd.baselines import ema_update, lcm_step
 from w2svd.config import Config
-from w2svd.distill import StepSettings, critic_step, generator_step
-from w2svd.export import sampler_settings_for, save_generator_export
+from w2svd.distill import StepSettings
+from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
+from w2svd.iteration import Cadence, train_iteration
 from w2svd.models.hunyuan import build_backbone
 from w2svd.roles import GENERATOR, Guidance, View, build_roles_from_config
 
@@ -45,30 +47,29 @@ def train_loop_per_worker(config: dict) -> None:
     s.restore(trained, ema=ema)
 
     st = StepSettings.from_config(cfg.method)
+    cadence = Cadence.from_config(cfg)
     settings = sampler_settings_for(cfg)
     exported = ema.applied if ema is not None else contextlib.nullcontext
     validation_samples = s.previews_of(roles.generator, settings, exported)
 
+    def guard_samples(batch, generator):  # what the drift guard compares with the batch
+        with exported():
+            noise = rng.randn(batch.x.shape, generator, batch.x.device, batch.x.dtype)
+            return sample_latents(roles.generator, settings, batch.cond, noise, generator)
+
     batches = s.batches()
     while s.step < s.total_steps:
         batch = next(batches)
-        metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
+        metrics = {"data/std": batch.x.std().item()}
         with s.timed(metrics):
-            # Critic every step: fake score (LoRA or DMD2 copy) + discriminator head.
-            metrics |= critic_step(roles, batch.x, batch.cond, st, backward=critic.backward, generator=s.rng)
-            if not s.healthy_before_update(metrics):
-                break
-            grad_norms["critic"] = critic.step()
-            # Generator every gen_update_every critic updates.
-            if (s.step + 1) % cfg.method.gen_update_every == 0:
-                metrics |= generator_step(roles, batch.x, batch.cond, st, backward=generator.backward,
-                                          generator=s.rng)
-                if not s.healthy_before_update(metrics):
-                    break
-                grad_norms["generator"] = generator.step()
-                if ema is not None:
-                    ema.update()
-        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples, ema=ema):
+            # The same iteration as the toy benchmark: critic every step, generator when due.
+            out = train_iteration(s.step, roles, batch.x, batch.cond, st, cadence, critic, generator, rng=s.rng,
+                                  ema=ema, lr_scale=s.guards.lr_scale, check=s.healthy_before_update)
+        if out.stopped:
+            break
+        metrics |= out.metrics
+        s.guards.observe(s.step, out.metrics, batch.x, batch.cond.pooled, lambda g, b=batch: guard_samples(b, g))
+        if not s.after_step(metrics, out.grad_norms, trained, sample=validation_samples, ema=ema):
             break
     else:
         with exported():

@@ -48,13 +48,17 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
 
 @dataclass
 class Trained:
-    """One trained role: its DeepSpeed engine and the configured learning rate of each group."""
+    """One trained role: its DeepSpeed engine and the configured learning rate of each group
+    (a ``w2svd.iteration.Trainable``: the distributed job runs the library's iteration)."""
 
     name: str
     engine: object
     optimizer: torch.optim.Optimizer
     lrs: list[float]
     params: list[nn.Parameter]
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

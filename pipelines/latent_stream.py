@@ -29,7 +29,8 @@ class LatentStream:
         self.shard, self.batch_size, self.rank, self.world = shard, batch_size, rank, world
         self.device = device
         self.position = 0
-        self.first: Batch | None = None  # the batch at position 0 (fixed validation prompts)
+        # The first batch read (fixed validation prompts when the checkpoint has none for this rank).
+        self.first: Batch | None = None
         self._it = self._batches()
         for _ in range(position):  # the data position of the checkpoint
             next(self._it)
@@ -59,6 +60,6 @@ class LatentStream:
         cond = Cond(text=b.text.float(), text_mask=b.text_mask.float(), pooled=b.pooled.float(),
                     image=None if b.image is None else b.image.float())
         batch = Batch(b.latents.float().to(self.device), cond.to(self.device), b.bucket)
-        if self.position == 1:
+        if self.first is None:  # the first batch this process read, also after a resume
             self.first = batch
         return batch

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import ArgumentParser, run_main
+from pipelines.guards import HEALTH_FILE
 from pipelines.startup import init_ray
 from pipelines.tracking import tracking_uri, training_run_id
-from pipelines.worker import EXPORT_DIR, HEALTH_FILE, TRAIN_NAME
+from pipelines.worker import EXPORT_DIR, TRAIN_NAME
 from w2svd.config import Config, load_config, to_dict
 from w2svd.data import storage
 
@@ -143,7 +144,12 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
         "stats": {k: v for k, v in metrics.items() if k.startswith("stats/")},
     }
     if health.get("stopped"):
+        from pipelines.checkpoint import best_by_drift
+
         result["reason"] = health["stopped"]
+        # The drift guard keeps the best state by its signal: export it with --export-only after
+        # pointing the run at it, or load it directly.
+        result["best_checkpoint"] = best_by_drift(storage.join(run, TRAIN_NAME), options)
     if run_id:
         result["mlflow_run_id"] = run_id
     storage.write_json(storage.join(run, RESULT_FILE), result, options)

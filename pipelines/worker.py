@@ -3,11 +3,9 @@
 ``WorkerSession`` carries rank, device, RNG, the latent stream, checkpoint save and restore, the
 health guard and the tracker, so the loops in finetune.py and distill.py read top to bottom.
 
-Rollback: a bad step is never stepped into a checkpoint. The guard records the rollback in
-``RUN_DIR/health.json`` and every rank raises ``RollbackRequested``; Ray Train's
-``FailureConfig`` restarts the worker group, which resumes from the newest checkpoint written
-in band and reads the lowered learning-rate scale from ``health.json``. A stop decision ends
-the loop cleanly instead, and the driver reports it.
+Rollback and stop decisions are the guards' (``pipelines/guards.py``): a bad step is never
+stepped into a checkpoint, and a restarted worker group resumes from the newest checkpoint
+written in band, at the learning-rate scale ``RUN_DIR/health.json`` records.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import contextlib
 import random
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,21 +27,16 @@ from torch import nn
 from pipelines import checkpoint, faults
 from pipelines.collectives import all_reduce, barrier
 from pipelines.engines import Trained, make_engine
+from pipelines.guards import Guards
 from pipelines.latent_stream import Batch, LatentStream
 from pipelines.tracking import Tracker
 from w2svd.config import Config, from_dict, to_yaml, validate
 from w2svd.data import storage
-from w2svd.health import HealthMonitor, HealthState
 from w2svd.models.base import Cond
 from w2svd.previews import VAE_LABEL, decode_samples, quick_metrics, video_strip
 
-HEALTH_FILE = "health.json"
 EXPORT_DIR = "export"
 TRAIN_NAME = "train"  # Ray Train's experiment folder inside the run dir
-
-
-class RollbackRequested(RuntimeError):
-    """Raised on every rank to make Ray Train restart the group from the last in-band checkpoint."""
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -62,13 +54,12 @@ class WorkerSession:
     world: int
     device: torch.device
     rng: torch.Generator
-    health: HealthMonitor
+    guards: Guards
     tracker: Tracker
     step: int = 0
     data_position: int = 0
     resumed: bool = False
     export_only: bool = False
-    in_band: bool = True
     # The checkpoint this run resumes from (the newest written in band) and its state.json.
     resume_uri: str | None = None
     resume_state: dict | None = None
@@ -93,14 +84,12 @@ class WorkerSession:
         np.random.seed(seed % 2**32)
         random.seed(seed)
         options, run = config["storage_options"], config["run_dir"]
-        recorded = storage.read_json(storage.join(run, HEALTH_FILE), options) or {}
-        monitor = HealthMonitor.from_config(
-            cfg.health, HealthState(**{k: v for k, v in recorded.items() if k in HealthState.__dataclass_fields__}))
         tracker = Tracker(config.get("mlflow_run_id") if rank == 0 else None, config.get("tracking_uri"),
                           cfg.tracking.system_metrics)
+        guards = Guards(cfg, run, options, rank, world, tracker)
         # The run's random stream lives on the CPU: its state is what a checkpoint stores, and
         # every draw moves its numbers to the device (w2svd/rng.py).
-        session = cls(cfg, run, options, rank, world, device, torch.Generator().manual_seed(seed), monitor, tracker,
+        session = cls(cfg, run, options, rank, world, device, torch.Generator().manual_seed(seed), guards, tracker,
                       export_only=bool(config.get("export_only")))
         session._find_resume_point()
         return session
@@ -136,7 +125,7 @@ class WorkerSession:
                                         position=self.data_position)
             self._batches = faults.inject(self._stream, self.cfg.debug, step=lambda: self.step, rank=self.rank,
                                           world=self.world, resumed=self.resumed,
-                                          rollbacks=self.health.state.rollbacks)
+                                          rollbacks=self.guards.health.state.rollbacks)
         return self._batches
 
     def fixed_samples(self) -> Batch:
@@ -173,14 +162,15 @@ class WorkerSession:
                                   saved.samples["bucket"])
         if ema is not None and saved.ema is not None:
             ema.load_shares(saved.ema) if self.reshaped else ema.load_state_dict(saved.ema)
+        self.guards.load_checkpoint_state(saved.state)
         self.step, self.data_position, self.resumed = saved.state["step"], saved.state["data_position"], True
         self._apply_lr(trained)
         if self.rank == 0:
-            print(f"[w2svd] resumed from {uri} at step {self.step} (lr scale {self.health.lr_scale:g})", flush=True)
+            print(f"[w2svd] resumed from {uri} at step {self.step} (lr scale {self.guards.lr_scale:g})", flush=True)
 
     def _apply_lr(self, trained: list[Trained]) -> None:
         for t in trained:
-            t.set_lr_scale(self.health.lr_scale)
+            t.set_lr_scale(self.guards.lr_scale)
 
     def save(self, trained: list[Trained], metrics: dict, extra: dict[str, nn.Module] | None = None,
              ema=None) -> None:
@@ -189,8 +179,8 @@ class WorkerSession:
         import ray.train
 
         checkpoint.check_finite(trained, self.step)  # a poisoned weight must never reach storage
-        state = {"step": self.step, "data_position": self._stream.position, "in_band": self.in_band,
-                 "world_size": self.world, "health": self.health.state_dict(),
+        state = {"step": self.step, "data_position": self._stream.position, "in_band": self.guards.in_band,
+                 "world_size": self.world, **self.guards.state_dict(),
                  "roles": [t.name for t in trained], "fingerprints": checkpoint.fingerprints(trained)}
         fixed = self.fixed_samples()
         samples = {"x": fixed.x.cpu(), "cond": fixed.cond.to("cpu").__dict__, "bucket": fixed.bucket}
@@ -208,40 +198,10 @@ class WorkerSession:
         return self.step % self.cfg.optim.checkpoint_every == 0 or self.step == self.total_steps
 
     # -- health ------------------------------------------------------------------------------
-    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Mean over ranks (a NaN anywhere makes it NaN everywhere: every rank decides alike)."""
-        if self.world == 1 or not metrics:
-            return dict(metrics)
-        keys = sorted(metrics)
-        values = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
-        return {k: float(v) / self.world for k, v in zip(keys, values.tolist(), strict=True)}
-
-    def guard(self, metrics: dict[str, float], grad_norms: dict[str, float] | None = None) -> bool:
-        """Health check of the reduced numbers; False means "stop now" (the loop must end
-        cleanly). A rollback raises ``RollbackRequested`` on every rank after recording it."""
-        decision = self.health.check(self.step, metrics, grad_norms)
-        self.in_band = decision.ok and not decision.reason
-        if decision.ok:
-            return True
-        state = {**self.health.state_dict(), "lr_scale": decision.lr_scale}
-        if decision.action == "stop":
-            state["stopped"] = decision.reason
-        if self.rank == 0:
-            print(f"[w2svd] health: {decision.reason}", file=sys.stderr, flush=True)
-            storage.write_json(storage.join(self.run_dir, HEALTH_FILE), state, self.options)
-            self.tracker.tag("health", decision.reason)
-        barrier()  # health.json is written before any rank leaves
-        if decision.action == "rollback":
-            raise RollbackRequested(decision.reason)
-        return False
-
     def healthy_before_update(self, metrics: dict[str, float]) -> bool:
-        """Losses of this step on every rank are finite, so the update may land. Otherwise the
-        guard rolls back (raises) or stops (False) before any optimizer steps on them."""
-        reduced = self.reduce(metrics)
-        if all(np.isfinite(v) for v in reduced.values()):
-            return True
-        return self.guard(reduced)
+        """The losses of this step are finite on every rank, so its update may land (else the
+        guards roll back, raising, or stop: False)."""
+        return self.guards.finite_before_update(self.step, metrics)
 
     def after_step(self, metrics: dict[str, float], grad_norms: dict[str, float], trained: list[Trained],
                    sample: Callable[[], torch.Tensor] | None = None, extra: dict[str, nn.Module] | None = None,
@@ -249,8 +209,8 @@ class WorkerSession:
         """Count the step, then: health check, log (rank 0), previews and checkpoint when due.
         Returns False when the health check stopped the run."""
         self.step += 1
-        metrics = self.reduce(metrics)
-        if not self.guard(metrics, grad_norms):
+        metrics = self.guards.reduce(metrics)
+        if not self.guards.check(self.step, metrics, grad_norms):
             return False
         logged = {**metrics, **{f"grad_norm/{k}": v for k, v in grad_norms.items()}}
         for t in trained:

@@ -13,6 +13,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -89,3 +95,79 @@ def ray_local(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real MLflow server and tiny generator exports, shared by the registry and serving tests.
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` with a SQLite backend and a proxied file artifact root; yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", (root / "artifacts").as_uri()],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not become healthy: {(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _with_steps(settings, steps: int, mode: str, method: str):
+    from w2svd.schedule import student_sigmas
+
+    sigmas = [float(s) for s in student_sigmas(steps, settings.shift)]
+    return dataclasses.replace(settings, steps=steps, sigmas=sigmas, mode=mode, method=method)
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> dict[str, str]:
+    """Three exports of the debug architecture:
+
+    base:   the tiny teacher weights with the 4-step student sampler;
+    better: the same weights sampled like the teacher reference (8 Euler steps);
+    worse:  the weights drowned in noise (10x their own scale) with a 1-step sampler.
+    """
+    from w2svd.config import load_config
+    from w2svd.export import sampler_settings_for, save_generator_export
+    from w2svd.models.hunyuan import build_backbone
+
+    cfg = load_config("debug")
+    root = tmp_path_factory.mktemp("exports")
+    backbone = build_backbone(cfg.model)
+    student = sampler_settings_for(cfg)
+    out = {
+        "base": save_generator_export(backbone, root / "base", student, cfg),
+        "better": save_generator_export(backbone, root / "better", _with_steps(student, 8, "euler", "euler"), cfg),
+    }
+    noisy = build_backbone(cfg.model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in noisy.parameters():
+            scale = p.std().nan_to_num(0.02).clamp_min(0.02) if p.numel() > 1 else torch.tensor(0.02)
+            p.add_(torch.randn(p.shape, generator=g) * scale * 10)
+    out["worse"] = save_generator_export(noisy, root / "worse", _with_steps(student, 1, "renoise", "w2svd"), cfg)
+    return {k: str(v) for k, v in out.items()}

@@ -97,6 +97,8 @@ class MethodConfig:
     generator_lora_rank: int = 64
     lora_targets: str = HUNYUAN_LORA_TARGETS
     gen_update_every: int = 5
+    # Critic-only iterations before the first generator update (w2svd.iteration.Cadence).
+    critic_warmup: int = 0
     sigma_min: float = 0.02
     sigma_max: float = 0.98
     shift: float = 7.0
@@ -110,6 +112,8 @@ class MethodConfig:
     lambda_gan_gen: float = 5e-3
     lambda_gan_disc: float = 1e-2
     backward_simulation: bool = False
+    # The reg term's target: "paper" (x_gt) or "data_forcing" (the real score's x0 on noised x_gt).
+    reg_target: Literal["paper", "data_forcing"] = "paper"
     sampler: Literal["renoise", "euler"] = "renoise"
     generator_ema: float = 0.0
     # LCM: the teacher grid that consistency pairs are drawn from, and the target EMA.
@@ -163,6 +167,8 @@ class OptimConfig:
     generator_lr: float = 2e-6
     critic_lr: float = 2e-5
     disc_lr: float = 2e-5
+    # The generator's rate over its updates: "constant" or "cosine" (to 0 at the last update).
+    generator_lr_schedule: Literal["constant", "cosine"] = "constant"
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -191,6 +197,17 @@ class HealthConfig:
     sample_std_band: list[float] = field(default_factory=lambda: [0.2, 5.0])
     # Any loss above this (e.g. a diverging fake-score loss) counts as out of band.
     loss_max: float = 1.0e4
+    # The drift guard (w2svd.drift.DriftGuard): a training-only signal against its running best,
+    # checked every drift_every steps; rollbacks share max_rollbacks and lr_decay_on_rollback.
+    drift_enabled: bool = True
+    drift_signal: Literal["proj_gap", "disc_acc", "score_gap", "critic_loss"] = "proj_gap"
+    drift_rise: float = 0.5
+    drift_margin: float = 0.0
+    drift_patience: int = 3
+    drift_warmup: int = 5
+    drift_smoothing: float = 0.5
+    drift_action: Literal["rollback", "stop"] = "stop"
+    drift_every: int = 25
 
 
 @dataclass
@@ -308,6 +325,64 @@ class DebugConfig:
     # Pre-encode: the shard writer SIGKILLs the driver once the output holds this many shards
     # (0 = never), so the kill lands mid-stream however far Ray Data ran ahead.
     kill_preencode_after_shards: int = 0
+    # Batch generation: the driver SIGKILLs itself once this many rows are recorded (0 = never).
+    kill_generate_after_rows: int = 0
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve application (``w2svd serve``, ``pipelines.serve:build_app``)."""
+
+    # Generator replicas: fixed at min_replicas, or autoscaled up to max_replicas on the ongoing
+    # requests per replica when max_replicas > min_replicas.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    ingress_replicas: int = 1
+    # Same-shape requests share one sampler call (up to max_batch_size); 1 turns batching off.
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    # Backpressure: requests a generator replica holds, and requests a caller may queue for the
+    # generators beyond that; anything more is answered 503 with Retry-After.
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 8
+    # Unfinished jobs an ingress replica accepts before it answers 503.
+    max_pending_jobs: int = 64
+    request_timeout_s: float = 600.0
+    retry_after_s: int = 5
+    # Request limits (anything beyond is a 4xx naming the field).
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 16_000_000
+    max_image_bytes: int = 10_000_000
+    max_image_side: int = 4096
+    # Finished jobs (status + mp4) are also written here (a folder or s3://), so any ingress
+    # replica, or one restarted, still answers for them; None keeps them in memory only.
+    results_uri: str | None = None
+    max_results_in_memory: int = 256
+    # Seconds between checks of a models:/NAME@ALIAS for a moved alias (0 = never).
+    alias_poll_s: float = 60.0
+    # Bearer-token auth: the token is read from this environment variable or this file (never
+    # from a config); with neither set, the API is open.
+    auth_token_env: str = "W2SVD_SERVE_TOKEN"
+    auth_token_file: str | None = None
+    codec: Literal["libx264", "mpeg4"] = "libx264"
+
+
+@dataclass
+class GenerateConfig:
+    """Batch generation (``w2svd generate``): a Ray Data actor pool over a prompt table."""
+
+    actors: int = 1
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    batch_size: int = 4
+    # Results are recorded every part_rows rows: at most that many are redone after a kill.
+    part_rows: int = 8
+    # A row without a seed gets seed + its row number, so a rerun draws the same video.
+    seed: int = 0
+    codec: Literal["libx264", "mpeg4"] = "libx264"
 
 
 @dataclass
@@ -324,6 +399,8 @@ class Config:
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +573,9 @@ def validate(cfg: Config) -> None:
     for key in ("lambda_dmd", "lambda_reg", "lambda_gan_gen", "lambda_gan_disc"):
         _check(getattr(m, key) >= 0, f"method.{key} must be >= 0")
     _check(0.0 <= m.generator_ema < 1.0, "method.generator_ema must lie in [0, 1)")
+    _check(m.critic_warmup >= 0, "method.critic_warmup must be >= 0")
+    _check(m.critic_warmup < o.steps, f"method.critic_warmup = {m.critic_warmup} leaves no generator update "
+           f"in optim.steps = {o.steps}")
     _check(0.0 <= m.lcm_target_ema < 1.0, "method.lcm_target_ema must lie in [0, 1)")
     if m.name == "dmd2" and m.generator == "lora":
         raise ValueError("method.generator = 'lora' needs method.name = 'w2svd' (vanilla DMD2 keeps full copies)")
@@ -519,6 +599,10 @@ def validate(cfg: Config) -> None:
     _check(len(h.sample_std_band) == 2 and 0 <= h.sample_std_band[0] < h.sample_std_band[1],
            "health.sample_std_band must be [low, high] with 0 <= low < high")
     _check(h.loss_max > 0, "health.loss_max must be positive")
+    _check(h.drift_rise >= 0 and h.drift_margin >= 0, "health.drift_rise and health.drift_margin must be >= 0")
+    _check(h.drift_patience >= 1 and h.drift_warmup >= 0 and h.drift_every >= 1,
+           "health.drift_patience and health.drift_every must be >= 1, health.drift_warmup >= 0")
+    _check(0.0 <= h.drift_smoothing < 1.0, "health.drift_smoothing must lie in [0, 1)")
     _check(p.max_failures >= 0, "parallel.max_failures must be >= 0")
     _check(p.cpus_per_worker > 0, "parallel.cpus_per_worker must be positive")
     _check(sum(a.rope_axes_dim) == a.attention_head_dim,
@@ -567,3 +651,28 @@ def validate(cfg: Config) -> None:
         _check(g.min is None or g.max is None or g.min <= g.max, f"{where}: min must not exceed max")
     _check(len({g.metric for g in cfg.promotion.gates}) == len(cfg.promotion.gates),
            "promotion.gates: one gate per metric")
+    _validate_serving(cfg)
+
+
+def _validate_serving(cfg: Config) -> None:
+    s, g = cfg.serve, cfg.generate
+    _check(1 <= s.min_replicas <= s.max_replicas,
+           f"serve.min_replicas/max_replicas = {s.min_replicas}/{s.max_replicas} must satisfy 1 <= min <= max")
+    for key in ("ingress_replicas", "max_batch_size", "max_ongoing_requests", "max_pending_jobs", "retry_after_s",
+                "max_prompt_chars", "max_body_bytes", "max_image_bytes", "max_image_side", "max_results_in_memory"):
+        _check(getattr(s, key) >= 1, f"serve.{key} must be >= 1")
+    _check(s.max_queued_requests >= 0, "serve.max_queued_requests must be >= 0")
+    _check(s.max_ongoing_requests >= s.max_batch_size,
+           f"serve.max_ongoing_requests = {s.max_ongoing_requests} must be >= serve.max_batch_size = "
+           f"{s.max_batch_size} (a replica batches only the requests it holds)")
+    _check(s.target_ongoing_requests > 0, "serve.target_ongoing_requests must be positive")
+    _check(s.num_gpus >= 0 and s.num_cpus >= 0, "serve.num_gpus/num_cpus must be >= 0")
+    _check(s.batch_wait_timeout_s >= 0 and s.alias_poll_s >= 0, "serve.batch_wait_timeout_s/alias_poll_s must be >= 0")
+    _check(s.request_timeout_s > 0, "serve.request_timeout_s must be positive")
+    _check(s.ingress_replicas == 1 or s.results_uri is not None,
+           f"serve.ingress_replicas = {s.ingress_replicas} needs serve.results_uri (a folder or s3://): a job's "
+           "status and video must be readable from every ingress replica")
+    for key in ("actors", "batch_size", "part_rows"):
+        _check(getattr(g, key) >= 1, f"generate.{key} must be >= 1")
+    _check(g.num_gpus >= 0 and g.num_cpus >= 0, "generate.num_gpus/num_cpus must be >= 0")
+    _check(g.seed >= 0, "generate.seed must be >= 0")

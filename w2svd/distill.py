@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from w2svd import rng
-from w2svd.losses import dmd_loss, flow_matching_loss, gan_discriminator_loss
+from w2svd.losses import dmd_gradient, dmd_loss, flow_matching_loss, gan_discriminator_loss
 from w2svd.models.base import Cond
 from w2svd.roles import Roles
 from w2svd.sampling import sample
@@ -41,6 +41,9 @@ class StepSettings:
     lambda_gan_disc: float = 1e-2
     backward_simulation: bool = False
     sampler: str = "renoise"
+    # The reg term's target: "paper" the ground truth x_gt itself; "data_forcing" the real
+    # score's x0 on x_gt noised like x_hat (same s, same eps): the real score read on real data.
+    reg_target: str = "paper"
 
     @classmethod
     def from_config(cls, method_cfg) -> StepSettings:
@@ -107,26 +110,40 @@ def critic_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
     return metrics
 
 
+@torch.no_grad()
+def reg_target(roles: Roles, x_gt: torch.Tensor, eps: torch.Tensor, s_B: torch.Tensor, cond: Cond,
+               kind: str) -> torch.Tensor:
+    """The reg term's target: ``x_gt`` ("paper") or ``x0_real((1 − s)·x_gt + s·eps)`` ("data_forcing")."""
+    if kind == "paper":
+        return x_gt
+    if kind == "data_forcing":
+        return roles.real_x0(add_noise(x_gt, eps, s_B), s_B, cond)
+    raise ValueError(f"reg target {kind!r}; choose 'paper' or 'data_forcing'")
+
+
 def generator_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
                    backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
     """Move the generator along the DMD gradient (+ reg, + GAN), into the generator only.
 
     x̂ = x_in − s_g·G(x_in, s_g, c);  x_s = renoise(x̂, s ~ U[s_min, s_max])
-    L = λ_dmd·DMD(x̂; x0_fake, x0_real) + λ_reg·DMD(x̂; x0_fake, x_gt) + λ_gan·softplus(−D(φ(x_s)))
+    L = λ_dmd·DMD(x̂; x0_fake, x0_real) + λ_reg·DMD(x̂; x0_fake, target) + λ_gan·softplus(−D(φ(x_s)))
+    target = x_gt (the paper) or x0_real(renoise(x_gt)) (data forcing, see ``reg_target``).
     """
     x_in, s_g = generator_input(roles, x_gt, cond, st, generator)
     with roles.generator.scope():
         x_hat = roles.generator_x0(x_in, s_g, cond)
-        s, _, x_s = _renoise(x_hat, st, generator)
+        s, eps, x_s = _renoise(x_hat, st, generator)
         with torch.no_grad():
             x0_real = roles.real_x0(x_s, s, cond)
             x0_fake = roles.fake_x0(x_s, s, cond)
         loss_dmd = dmd_loss(x_hat, x0_fake, x0_real)
         loss = st.lambda_dmd * loss_dmd
         metrics = {"gen/dmd": loss_dmd.item(),
-                   "gen/sample_std": x_hat.detach().float().std().item()}
+                   "gen/sample_std": x_hat.detach().float().std().item(),
+                   # Size of the normalised DMD gradient: how far fake and real scores disagree.
+                   "gen/score_gap": dmd_gradient(x_hat.detach(), x0_fake, x0_real).abs().mean().item()}
         if st.lambda_reg > 0:
-            loss_reg = dmd_loss(x_hat, x0_fake, x_gt)
+            loss_reg = dmd_loss(x_hat, x0_fake, reg_target(roles, x_gt, eps, s, cond, st.reg_target))
             loss = loss + st.lambda_reg * loss_reg
             metrics["gen/reg"] = loss_reg.item()
         if roles.disc is not None and st.lambda_gan_gen > 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,35 +92,56 @@ class GeneratorBundle:
             raise ValueError("this generator is text-to-video and takes no reference image")
         return cond
 
+    def _lap(self, timings: dict | None, key: str, start: float) -> float:
+        """Add the seconds since ``start`` to ``timings[key]`` (waiting for the GPU first, or its
+        queued kernels would be billed to the next phase); returns now."""
+        if timings is None:
+            return start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        timings[key] = timings.get(key, 0.0) + now - start
+        return now
+
     @torch.no_grad()
     def generate_latents(self, prompts: list[str], seeds: list[int], num_frames: int, height: int, width: int,
-                         images: list[np.ndarray] | None = None) -> torch.Tensor:
-        """Latents ``[B, C, T', h, w]``, one backbone call per sampler step for the whole batch."""
+                         images: list[np.ndarray] | None = None, timings: dict | None = None) -> torch.Tensor:
+        """Latents ``[B, C, T', h, w]``, one backbone call per sampler step for the whole batch.
+        ``timings`` (a dict) receives the seconds of conditioning (``encode_s``: text encoders, and
+        the VAE for a reference image) and of the sampler's backbone steps (``transformer_s``)."""
         if len(seeds) != len(prompts) or (images is not None and len(images) != len(prompts)):
             raise ValueError("give one seed (and, for image-to-video, one image) per prompt")
         self.check_size(num_frames, height, width)
+        start = time.perf_counter()
         cond = self.encode_prompts(prompts, images, height, width).to(self.device)
+        start = self._lap(timings, "encode_s", start)
         generators = rng.per_sample_generators(seeds)
         shape = (len(prompts), *self.encoders.latent_shape(num_frames, height, width))
         noise = rng.randn(shape, generators, self.device)
-        return sample_latents(View(self.backbone), self.settings, cond, noise, generators)
+        latents = sample_latents(View(self.backbone), self.settings, cond, noise, generators)
+        self._lap(timings, "transformer_s", start)
+        return latents
 
     @torch.no_grad()
-    def decode(self, latents_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Latents → uint8 clips ``[B, T, H, W, 3]``."""
-        return clips_from_model_output(self.encoders.decode_latents(latents_BCTHW))
+    def decode(self, latents_BCTHW: torch.Tensor, timings: dict | None = None) -> torch.Tensor:
+        """Latents → uint8 clips ``[B, T, H, W, 3]`` (``timings["decode_s"]``: the VAE decoder)."""
+        start = time.perf_counter()
+        clips = clips_from_model_output(self.encoders.decode_latents(latents_BCTHW))
+        self._lap(timings, "decode_s", start)
+        return clips
 
     def generate(self, prompts: list[str], seeds: list[int] | None = None, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None,
-                 images: list[np.ndarray] | None = None) -> torch.Tensor:
+                 images: list[np.ndarray] | None = None, timings: dict | None = None) -> torch.Tensor:
         """uint8 clips ``[B, T, H, W, 3]`` of ``prompts`` (seeds default to 0, 1, …; the size to
-        the first training bucket)."""
+        the first training bucket). ``timings``: see ``generate_latents`` and ``decode``."""
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         f0, h0, w0 = self.default_size()
         seeds = list(range(len(prompts))) if seeds is None else [int(x) for x in seeds]
-        latents = self.generate_latents(list(prompts), seeds, num_frames or f0, height or h0, width or w0, images)
-        return self.decode(latents)
+        latents = self.generate_latents(list(prompts), seeds, num_frames or f0, height or h0, width or w0, images,
+                                        timings)
+        return self.decode(latents, timings)
 
 
 def _bundle(backbone, settings: SamplerSettings, cfg: Config, source: str, device: str | None) -> GeneratorBundle:

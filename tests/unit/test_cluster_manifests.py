@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 CRD_DIR = REPO.parent / "shared" / "reference" / "kuberay-crds"
 IMAGE_NAME = "ghcr.io/your-org/w2svd"
-STAGES = ("preencode", "finetune", "distill")
-EXPECTED_KIND = {"raycluster.yaml": "RayCluster", **{f"rayjob-{s}.yaml": "RayJob" for s in STAGES}}
+STAGES = ("preencode", "finetune", "distill", "generate")
+EXPECTED_KIND = {"raycluster.yaml": "RayCluster", "rayservice.yaml": "RayService",
+                 **{f"rayjob-{s}.yaml": "RayJob" for s in STAGES}}
 # Env names whose value is a credential: they may only come from a Secret.
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|(^|_)TOKEN($|_)|ACCESS_KEY|CREDENTIAL|API_KEY", re.I)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -41,6 +42,8 @@ MANIFESTS = {p.name: _load(p) for p in sorted(CLUSTER.glob("*.yaml"))}
 
 
 def _cluster_spec(doc: dict) -> dict:
+    if doc["kind"] == "RayService":
+        return doc["spec"]["rayClusterConfig"]
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
@@ -227,6 +230,10 @@ def test_job_entrypoint_runs_an_existing_stage_with_valid_arguments(stage):
         d = cfg.data
         assert d.encoder_pool_size * d.encoder_num_gpus <= gpus
         assert d.encoder_pool_size * d.encoder_num_cpus + d.decode_num_cpus <= cpus
+    elif stage == "generate":
+        g = cfg.generate
+        assert flags["--model"].startswith("models:/") and flags["--prompts"].startswith("s3://")
+        assert 0 < g.actors * g.num_gpus <= gpus and g.actors * g.num_cpus <= cpus
     else:
         p = cfg.parallel
         assert p.use_gpu and p.num_workers <= gpus, (p.num_workers, gpus)
@@ -315,3 +322,47 @@ def test_no_inline_secrets():
         text = path.read_text()
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{path.name}: AWS access key id"
         assert not re.search(r"^kind:\s*Secret\b", text, re.M), f"{path.name}: a Secret belongs outside the repo"
+
+
+# ---------------------------------------------------------------- the RayService
+
+
+def _serve_config() -> dict:
+    return yaml.safe_load(MANIFESTS["rayservice.yaml"]["spec"]["serveConfigV2"])
+
+
+def test_serve_config_is_valid_for_ray_serve_and_for_build_app():
+    """serveConfigV2 passes Ray Serve's own schema; its application's import path and args are
+    what pipelines.serve:build_app takes, with a config and overrides the config accepts."""
+    import importlib
+    import shlex
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import BUILD_ARGS
+
+    schema = ServeDeploySchema.model_validate(_serve_config())
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert set(app.args) <= set(BUILD_ARGS) and app.args["model"].startswith("models:/")
+    cfg = load_config(app.args["config"], shlex.split(app.args["overrides"]))
+    s = cfg.serve
+    assert schema.http_options.request_timeout_s > s.request_timeout_s
+    assert s.results_uri.startswith("s3://") and s.alias_poll_s > 0
+    # Every generator replica fits: max_replicas GPUs (and CPUs) within the GPU group at its largest.
+    (group,) = _cluster_spec(MANIFESTS["rayservice.yaml"])["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert s.max_replicas * s.num_gpus <= group["maxReplicas"] * _quantity(limits["nvidia.com/gpu"])
+    assert s.max_replicas * s.num_cpus + s.ingress_replicas <= group["maxReplicas"] * _quantity(limits["cpu"])
+    # The runtime env sets nothing ray_job.yaml does not, and the same values.
+    reference = yaml.safe_load((REPO / "ray_job.yaml").read_text())["env_vars"]
+    assert app.runtime_env["env_vars"].items() <= reference.items()
+
+
+def test_serve_token_comes_from_a_secret_on_every_pod():
+    cfg = load_config("hunyuan-t2v-13b")
+    for group_name, c in _containers(MANIFESTS["rayservice.yaml"]):
+        env = {e["name"]: e for e in c.get("env", [])}
+        ref = env[cfg.serve.auth_token_env]["valueFrom"]["secretKeyRef"]
+        assert not ref.get("optional"), group_name  # a missing Secret must not open the API

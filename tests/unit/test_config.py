@@ -58,3 +58,16 @@ def test_config_command_prints_yaml_and_rejects_bad_keys():
     bad = subprocess.run([sys.executable, "-m", "pipelines.show_config", "debug", "optim.stepz=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown key(s) ['stepz'] in optim" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["serve.max_ongoing_requests=2", "serve.max_batch_size=4"], "serve.max_ongoing_requests"),
+    (["serve.min_replicas=3", "serve.max_replicas=2"], "serve.min_replicas"),
+    (["serve.ingress_replicas=2"], "serve.results_uri"),
+    (["generate.part_rows=0"], "generate.part_rows"),
+    (["serve.codec=h265"], "serve.codec"),
+])
+def test_serving_settings_are_checked(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
+        load_config("debug", overrides)
+    load_config("debug", ["serve.ingress_replicas=2", "serve.results_uri=s3://b/results"])

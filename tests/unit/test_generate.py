@@ -70,3 +70,11 @@ def test_image_to_video_needs_and_uses_the_reference_image():
     out = b.generate_latents(["a", "a"], [0, 0], 9, 64, 48, images=[dark, bright])
     assert out.shape == (2, 16, 3, 8, 6)
     assert not torch.allclose(out[0], out[1])  # the image conditions the clip
+
+
+def test_timings_split_one_generation_into_its_phases():
+    b = bundle()
+    timings: dict = {}
+    b.generate(PROMPTS[:2], seeds=[0, 1], timings=timings)
+    assert set(timings) == {"encode_s", "transformer_s", "decode_s"}
+    assert all(v > 0 for v in timings.values())

@@ -1,12 +1,13 @@
-"""``w2svd bench NAME``: the project's benchmarks.
+"""The proof on one known distribution: every method distilled from one teacher, exact distances.
 
-    w2svd bench toy --out DIR [--fast] [--set key=value ...]
-    w2svd bench portrait --out DIR [--fast] [--study table|collapse|all]   (bench/portrait.py)
+    w2svd bench toy --out DIR [--fast] [--set KEY=VALUE ...]
 
-``toy`` trains a flow-matching teacher on a known Gaussian-mixture "video" distribution,
-distills it with W2SVD, DMD2 and LCM at 1 and 4 steps under one budget, compares against
-teacher Euler sampling at 1, 4 and 28 steps, prints the table and writes ``DIR/results.json``
-(rows with ``method``, ``steps``, ``fd``, ``modes_lost``, …) and ``DIR/curves.json``.
+Trains a flow-matching teacher on the default caption-conditioned Gaussian mixture
+(``w2svd.toy.problems.default_problem``: 4 captions × 4 motion modes, 4 frames × 8 numbers),
+distills it with W2SVD, DMD2 and LCM at 1 and 4 steps under one budget, compares against teacher
+Euler sampling at 1, 4 and 28 steps, prints the table and writes ``DIR/results.json`` (rows with
+``method``, ``steps``, ``fd``, ``modes_lost``, ``fd_floor``, ``mode_tv``, …), ``DIR/curves.json``
+and ``DIR/curves.png``. The family study over many problems is ``w2svd bench toy-family``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 
-def _parse_sets(settings, pairs: list[str]):
+def parse_sets(settings, pairs: list[str]):
     fields = {f.name for f in dataclasses.fields(settings)}
     updates = {}
     for pair in pairs:
@@ -30,22 +31,22 @@ def _parse_sets(settings, pairs: list[str]):
     return dataclasses.replace(settings, **updates)
 
 
-def toy_main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from w2svd.toybench import ToySettings, format_table, run_toy, write_results
+    from bench._toy_runner import ToySettings, format_table, run_toy, write_results
 
     parser = argparse.ArgumentParser(prog="w2svd bench toy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder for results.json and curves.json")
-    parser.add_argument("--fast", action="store_true", help="the small version the tests run (~1 min)")
+    parser.add_argument("--fast", action="store_true", help="a smaller teacher and evaluation set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ToySettings field for every method (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps runs reproducible)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        settings = _parse_sets(ToySettings.fast() if args.fast else ToySettings(), args.set)
+        settings = parse_sets(ToySettings.fast() if args.fast else ToySettings(), args.set)
     except ValueError as err:
         parser.error(str(err))
     result = run_toy(settings)
@@ -58,7 +59,7 @@ def toy_main(argv: list[str]) -> int:
 
 
 def plot_curves(curves: dict, path: Path) -> None:
-    """Fréchet distance against generator updates, one panel per student step count."""
+    """Fréchet distance against updates of the evaluated network, one panel per student step count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,39 +71,12 @@ def plot_curves(curves: dict, path: Path) -> None:
         for name, curve in curves.items():
             if name.endswith(f"-{n}step"):
                 ax.plot([p["gen_updates"] for p in curve], [p["fd"] for p in curve], label=name.rsplit("-", 1)[0])
-        ax.set(title=f"{n}-step students", xlabel="generator updates (LCM: student updates / 5)",
+        ax.set(title=f"{n}-step students", xlabel="updates of the evaluated network (generator / LCM student)",
                ylabel="Fréchet distance to the true distribution", yscale="log")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def script_main(name: str):
-    """``bench/NAME.py``'s ``main(argv)``: benchmarks that live as scripts in the repository's
-    ``bench/`` folder (not an installed package), loaded from their file."""
-    import importlib.util
-
-    def run(argv: list[str]) -> int:
-        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return int(module.main(argv) or 0)
-
-    return run
-
-
-BENCHMARKS = {"toy": toy_main, "portrait": script_main("portrait")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: w2svd bench {{{','.join(BENCHMARKS)}}} ...", file=sys.stderr)
-        return 2
-    return BENCHMARKS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The guards of one training worker: the health monitor and the drift guard, and what they do.
+
+Both read training quantities only (never the metric a benchmark reports), reduced over ranks
+so every rank takes the same decision without another collective:
+
+* the health monitor (``w2svd/health.py``) every step: NaN/inf, the generator's sample std
+  against the data's, exploding losses;
+* the drift guard (``w2svd/drift.py``) every ``health.drift_every`` steps, on generator samples
+  of the current batch's conditions against the batch itself (drawn from a stream of their own,
+  so watching a run never changes it), logged as ``guard/signal``.
+
+A rollback is recorded in ``RUN_DIR/health.json`` and raised on every rank
+(``RollbackRequested``): Ray Train restarts the worker group, which resumes from the newest
+checkpoint written in band at the lowered rate. A stop is recorded there too and ends the loop
+cleanly; the driver then names the checkpoint with the best drift signal.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipelines.collectives import all_reduce, barrier
+from pipelines.tracking import Tracker
+from w2svd.config import Config
+from w2svd.data import storage
+from w2svd.drift import DriftGuard
+from w2svd.health import HealthMonitor, HealthState
+
+HEALTH_FILE = "health.json"
+
+
+class RollbackRequested(RuntimeError):
+    """Raised on every rank to make Ray Train restart the group from the last in-band checkpoint."""
+
+
+class Guards:
+    def __init__(self, cfg: Config, run_dir: str, options: storage.StorageOptions, rank: int, world: int,
+                 tracker: Tracker):
+        self.cfg, self.run_dir, self.options, self.rank, self.world = cfg, run_dir, options, rank, world
+        self.tracker = tracker
+        recorded = storage.read_json(storage.join(run_dir, HEALTH_FILE), options) or {}
+        fields = HealthState.__dataclass_fields__
+        self.health = HealthMonitor.from_config(cfg.health, HealthState(**{k: v for k, v in recorded.items()
+                                                                          if k in fields}))
+        self.drift = DriftGuard.from_config(cfg.health)
+        # Written at a drift rollback or stop, so newer than any checkpoint's copy.
+        self._recorded_drift = recorded.get("drift")
+        if self._recorded_drift:
+            self.drift.load_state_dict(self._recorded_drift)
+        self.in_band = True
+        self._drift_in_band = True
+
+    @property
+    def lr_scale(self) -> float:
+        """Every rollback so far, health's and drift's, lowers the rates."""
+        return self.health.lr_scale * self.drift.lr_scale
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if not self._recorded_drift and state.get("drift"):
+            self.drift.load_state_dict(state["drift"])
+
+    def state_dict(self) -> dict:
+        return {"health": self.health.state_dict(), "drift": self.drift.state_dict(),
+                "drift_signal": self.drift.signal}
+
+    # -- reduce and decide ---------------------------------------------------------------------
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks (a NaN anywhere makes it NaN everywhere: every rank decides alike)."""
+        if self.world == 1 or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+        return {k: float(v) / self.world for k, v in zip(keys, values.tolist(), strict=True)}
+
+    def finite_before_update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Losses of this step on every rank are finite, so the update may land. Otherwise roll
+        back (raises) or stop (False) before any optimizer steps on them."""
+        reduced = self.reduce(metrics)
+        if all(np.isfinite(v) for v in reduced.values()):
+            return True
+        return self.check(step, reduced)
+
+    def check(self, step: int, metrics: dict[str, float], grad_norms: dict[str, float] | None = None) -> bool:
+        """The health check of reduced numbers, and the drift check when due; False: stop now."""
+        decision = self.health.check(step, metrics, grad_norms)
+        self.in_band = decision.ok and not decision.reason and self._drift_in_band
+        if not decision.ok:
+            return self._act(decision, "health")
+        if self.drift.enabled and step % self.cfg.health.drift_every == 0:
+            value = self.reduce({"v": self.drift.value()})["v"]
+            drift = self.drift.decide(step, value)
+            self._drift_in_band = drift.in_band
+            self.in_band = self.in_band and drift.in_band
+            if math.isfinite(drift.signal):
+                self.tracker.log({"guard/signal": drift.signal, "guard/value": value}, step)
+            if drift.action != "ok":
+                return self._act(drift, "drift")
+        return True
+
+    def _act(self, decision, source: str) -> bool:
+        state = {**self.health.state_dict(), "lr_scale": self.lr_scale, "drift": self.drift.state_dict()}
+        if decision.action == "stop":
+            state["stopped"] = decision.reason
+        if self.rank == 0:
+            print(f"[w2svd] {source}: {decision.reason}", file=sys.stderr, flush=True)
+            storage.write_json(storage.join(self.run_dir, HEALTH_FILE), state, self.options)
+            self.tracker.tag(source, decision.reason)
+        barrier()  # health.json is written before any rank leaves
+        if decision.action == "rollback":
+            raise RollbackRequested(decision.reason)
+        return False
+
+    # -- what the drift guard watches ----------------------------------------------------------
+    def observe(self, step: int, metrics: dict[str, float], data_x: torch.Tensor, cond_x: torch.Tensor | None,
+                sample: Callable[[torch.Generator], torch.Tensor]) -> None:
+        """This step's training numbers, and before a check of the ``proj_gap`` signal generator
+        samples of the batch's conditions (``sample(generator)``, from the guard's own stream)
+        beside the batch."""
+        if not self.drift.enabled:
+            return
+        self.drift.observe(metrics)
+        if self.drift.kind == "proj_gap" and (step + 1) % self.cfg.health.drift_every == 0:
+            g = torch.Generator().manual_seed(self.cfg.optim.seed + 7919 * (self.rank + 1) + step)
+            with torch.no_grad():
+                self.drift.observe({}, gen_x=sample(g), data_x=data_x, cond_x=cond_x)
