@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-gpu test-all lint bench-toy clean
+.PHONY: venv demo test test-gpu test-all lint bench-toy bench-toy-family clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ lint: $(STAMP)
 
 bench-toy: $(STAMP)
 	$(VENV)/bin/w2svd bench toy --out runs/bench-toy
+
+# The family study (hours on a shared 2-core machine; resumable: rerun to continue).
+bench-toy-family: $(STAMP)
+	nice -n 10 $(VENV)/bin/w2svd bench toy-family --out runs/toy-family
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -100,9 +100,11 @@ class Guards:
                 self.tracker.log({"guard/signal": drift.signal, "guard/value": value}, step)
             if drift.action != "ok":
                 return self._act(drift, "drift")
+            if self.drift.action == "log" and self.drift.fired_at == step:
+                self._record(drift, "drift")  # log-only: visible in stderr, MLflow and health.json
         return True
 
-    def _act(self, decision, source: str) -> bool:
+    def _record(self, decision, source: str) -> None:
         state = {**self.health.state_dict(), "lr_scale": self.lr_scale, "drift": self.drift.state_dict()}
         if decision.action == "stop":
             state["stopped"] = decision.reason
@@ -111,6 +113,9 @@ class Guards:
             storage.write_json(storage.join(self.run_dir, HEALTH_FILE), state, self.options)
             self.tracker.tag(source, decision.reason)
         barrier()  # health.json is written before any rank leaves
+
+    def _act(self, decision, source: str) -> bool:
+        self._record(decision, source)
         if decision.action == "rollback":
             raise RollbackRequested(decision.reason)
         return False

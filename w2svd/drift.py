@@ -15,8 +15,9 @@ consecutive checks. Then the run either rolls back to its last in-band state wit
 or stops and keeps its best state by the signal (``DriftDecision``).
 
     guard = DriftGuard.from_config(cfg.health)
-    guard.observe(metrics, gen_x=samples, data_x=x_gt)         # every step (gen_x: proj_gap only)
-    if step % every == 0:
+    guard.observe(metrics)                                     # every step: the metric signals
+    guard.observe({}, gen_x=samples, data_x=x_gt, cond_x=c)    # proj_gap: samples for the batch's conditions
+    if step % cfg.health.drift_every == 0:
         value = all_reduce_mean(guard.value())                 # every rank decides alike
         decision = guard.decide(step, value)                   # log guard.signal as guard/signal
         if decision.is_best: save the "best" state;  if decision.in_band: save the "last good" state
@@ -38,6 +39,8 @@ SIGNALS = ("proj_gap", "disc_acc", "score_gap", "critic_loss")
 METRIC_OF_SIGNAL = {"disc_acc": "critic/disc_acc", "score_gap": "gen/score_gap",
                     "critic_loss": "critic/flow_matching"}
 Action = Literal["ok", "rollback", "stop"]
+# What firing does: roll back, stop, or only record it (``fired_at``, the reason) and go on.
+ACTIONS = ("rollback", "stop", "log")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +129,8 @@ class DriftGuard:
 
     signal: the smoothed value, ``s_t = smoothing·s_{t−1} + (1 − smoothing)·v_t``; best: its running
     minimum. All four signals grow when the generator drifts away from the data.
-    action: "rollback" (up to ``max_rollbacks`` times, rate × ``lr_decay`` each, then "stop") or "stop".
+    action: "rollback" (up to ``max_rollbacks`` times, rate × ``lr_decay`` each, then "stop"), "stop",
+    or "log" (record ``fired_at`` and the reason, change nothing).
     """
 
     def __init__(self, *, signal: str = "proj_gap", rise: float = 0.5, margin: float = 0.0, patience: int = 3,
@@ -135,8 +139,8 @@ class DriftGuard:
                  enabled: bool = True):
         if signal not in SIGNALS:
             raise ValueError(f"drift signal {signal!r}; choose one of {list(SIGNALS)}")
-        if action not in ("rollback", "stop"):
-            raise ValueError(f"drift action {action!r}; choose 'rollback' or 'stop'")
+        if action not in ACTIONS:
+            raise ValueError(f"drift action {action!r}; choose one of {list(ACTIONS)}")
         if rise < 0 or margin < 0 or patience < 1 or warmup < 0 or not 0 <= smoothing < 1:
             raise ValueError("drift guard: rise, margin >= 0, patience >= 1, warmup >= 0, smoothing in [0, 1)")
         if not 0 < lr_decay <= 1:
@@ -232,6 +236,10 @@ class DriftGuard:
         if st.fired_at is None:
             st.fired_at = step
         st.out_of_band = 0
+        if self.action == "log":
+            reason = f"step {step}: drift ({why} for {self.patience} checks); logged only (drift_action = log)"
+            st.history.append(reason)
+            return DriftDecision("ok", reason, self.lr_scale, st.signal, in_band=False)
         if self.action == "rollback" and st.rollbacks < self.max_rollbacks:
             st.rollbacks += 1
             # The restored state is re-measured from scratch: a stale out-of-band value must not fire again.

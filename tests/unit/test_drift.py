@@ -100,3 +100,11 @@ def test_guard_is_built_from_the_health_config():
     assert guard.kind == "disc_acc" and guard.action == "rollback"
     with pytest.raises(ValueError, match="drift_signal"):
         load_config("debug", ["health.drift_signal=loss"])
+
+
+def test_a_logging_guard_records_the_fire_and_changes_nothing():
+    guard = DriftGuard(signal="score_gap", rise=0.2, patience=2, warmup=0, smoothing=0.0, action="log")
+    decisions = _run(guard, [1.0, 2.0, 2.0, 2.0])
+    assert all(d.action == "ok" for d in decisions) and guard.fired_at == 2
+    assert "logged only" in decisions[2].reason and decisions[2].lr_scale == 1.0
+    assert DriftGuard.from_config(load_config("debug").health).action == "log"

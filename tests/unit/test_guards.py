@@ -41,6 +41,17 @@ def test_drift_rolls_back_once_then_stops_and_a_restart_reads_both(tmp_path):
     assert "stopping" in json.loads((tmp_path / HEALTH_FILE).read_text())["stopped"]
 
 
+def test_a_logged_drift_changes_nothing_but_is_recorded_once(tmp_path, capsys):
+    g = guards(tmp_path, "log")
+    assert feed(g, 1, 1.0) and feed(g, 2, 2.0) and feed(g, 3, 2.1)  # fires at 3: the run goes on
+    assert g.lr_scale == 1.0 and g.drift.fired_at == 3 and not g.in_band
+    recorded = json.loads((tmp_path / HEALTH_FILE).read_text())
+    assert "logged only" in recorded["drift"]["history"][0] and "stopped" not in recorded
+    assert "drift: step 3" in capsys.readouterr().err
+    assert feed(g, 4, 2.2) and feed(g, 5, 2.3)  # a second firing goes on too, not re-recorded
+    assert len(json.loads((tmp_path / HEALTH_FILE).read_text())["drift"]["history"]) == 1
+
+
 def test_a_stop_names_the_checkpoint_with_the_best_drift_signal(tmp_path):
     for step, signal in ((2, 0.9), (4, 0.4), (6, 1.7)):
         folder = tmp_path / checkpoint.dir_name(step)
