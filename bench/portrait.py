@@ -374,11 +374,26 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
     result = {"settings": _jsonable(settings), "every": every, "total_iterations": total, "lr": settings.collapse_lr,
               "floor": {"fvd_domain": floor[FVD], "face_rate": floor[FACE], "dynamic_degree": floor["dynamic_degree"],
                         "factor_agreement": floor.get(FACTOR)},
-              "drift_guard": "not run: w2svd/drift.py is not on main yet",
+              "drift_guard": drift_guard_record(out, settings.collapse_methods, cfg.method.gen_update_every),
               "curves": curves, "seconds": round(time.time() - t0, 1)}
     (out / "collapse.json").write_text(json.dumps(result, indent=2))
     plot_collapse(result, out / "collapse.png")
     return result
+
+
+def drift_guard_record(out: Path, methods, gen_update_every: int) -> dict:
+    """Where the distill job's drift guard (``health.*``, log-only by default) fired in each
+    collapse run, from the run's ``health.json`` (absent: it never fired), in the curves' units."""
+    from pipelines.guards import HEALTH_FILE
+
+    record = {}
+    for method in methods:
+        path = out / "collapse" / method / HEALTH_FILE
+        drift = json.loads(path.read_text()).get("drift", {}) if path.is_file() else {}
+        fired = drift.get("fired_at")
+        record[method] = {"fired_at_iteration": fired, "drift_rollbacks": drift.get("rollbacks", 0),
+                          "fired_at_generator_update": None if fired is None else fired // gen_update_every}
+    return record
 
 
 def plot_collapse(result: dict, path: Path) -> Path:
