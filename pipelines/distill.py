@@ -14,6 +14,8 @@ import contextlib
 import copy
 import sys
 
+import torch
+
 from pipelines.ema import GeneratorEMA
 from pipelines.engines import check_zero3_sharing
 from pipelines.training import main as training_main
@@ -63,8 +65,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"data/std": batch.x.std().item()}
         with s.timed(metrics):
             # The same iteration as the toy benchmark: critic every step, generator when due.
+            # Backward simulation's depth from a stream of the step alone: alike on every rank
+            # (ZeRO-3 gathers parameters per forward) and after a resume, with no state to save.
+            shared = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + s.step)
             out = train_iteration(s.step, roles, batch.x, batch.cond, st, cadence, critic, generator, rng=s.rng,
-                                  ema=ema, lr_scale=s.guards.lr_scale, check=s.healthy_before_update)
+                                  shared_rng=shared, ema=ema, lr_scale=s.guards.lr_scale, check=s.healthy_before_update)
         if out.stopped:
             break
         metrics |= out.metrics

@@ -143,10 +143,16 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
         "rollbacks": int(health.get("rollbacks", 0)),
         "stats": {k: v for k, v in metrics.items() if k.startswith("stats/")},
     }
-    if health.get("stopped"):
+    drift_fired_at = (health.get("drift") or {}).get("fired_at")
+    if health.get("stopped") or drift_fired_at is not None:
         from pipelines.checkpoint import best_by_drift
 
-        result["reason"] = health["stopped"]
+        if health.get("stopped"):
+            result["reason"] = health["stopped"]
+        if drift_fired_at is not None:  # also when only logged (health.drift_action = log)
+            result["drift_fired_at"] = int(drift_fired_at)
+            print(f"[w2svd] warning: the drift guard fired at step {drift_fired_at}; the best state by its "
+                  "signal is result.json's best_checkpoint", file=sys.stderr)
         # The drift guard keeps the best state by its signal: export it with --export-only after
         # pointing the run at it, or load it directly.
         result["best_checkpoint"] = best_by_drift(storage.join(run, TRAIN_NAME), options)

@@ -56,17 +56,20 @@ class StepSettings:
 
 @torch.no_grad()
 def generator_input(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator | None = None,
+                    shared: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The generator's input ``x_in`` at a student sigma ``s_g`` (per sample).
 
     Noised ground truth ``(1 − s_g)·x_gt + s_g·eps``; with backward simulation (multi-step only),
-    the current generator's own sampler state at ``s_g``, started from pure noise.
+    the current generator's own sampler state at ``s_g``, started from pure noise. The depth of
+    that simulation is drawn from ``shared`` (default: ``generator``): a generator every rank holds
+    alike, because under ZeRO-3 every rank must run the same number of forwards.
     """
     sigmas = st.generator_sigmas().to(x_gt.device)
     batch = x_gt.shape[0]
     eps = rng.randn_like(x_gt, generator)
     if st.backward_simulation and len(sigmas) > 1:
-        k = int(rng.randint(len(sigmas), (1,), generator))
+        k = int(rng.randint(len(sigmas), (1,), shared if shared is not None else generator))
         velocity = lambda x, s: roles.generator_velocity(x, s, cond)  # noqa: E731
         x_in = sample(velocity, eps, sigmas, st.sampler, generator, stop_at=k)
         return x_in, sigmas[k].expand(batch).clone()
@@ -81,14 +84,15 @@ def _renoise(x: torch.Tensor, st: StepSettings, generator: torch.Generator | Non
 
 
 def critic_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
-                backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
+                backward: Backward = _plain_backward, generator: torch.Generator | None = None,
+                shared: torch.Generator | None = None) -> dict:
     """Train the fake score on fresh generator samples (and the head on real vs fake features).
 
     ``L = mean((fake(x̂_s, s) − (eps − x̂))²) + λ_disc·[softplus(D(φ(x̂_s))) + softplus(−D(φ(x_gt,s)))]``
     Gradients reach only the critic LoRA (or DMD2's fake copy) and ``D``.
     """
     with torch.no_grad():
-        x_in, s_g = generator_input(roles, x_gt, cond, st, generator)
+        x_in, s_g = generator_input(roles, x_gt, cond, st, generator, shared)
         x_hat = roles.generator_x0(x_in, s_g, cond)
     s, eps, x_s = _renoise(x_hat, st, generator)
     use_disc = roles.disc is not None and st.lambda_gan_disc > 0
@@ -122,14 +126,15 @@ def reg_target(roles: Roles, x_gt: torch.Tensor, eps: torch.Tensor, s_B: torch.T
 
 
 def generator_step(roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings,
-                   backward: Backward = _plain_backward, generator: torch.Generator | None = None) -> dict:
+                   backward: Backward = _plain_backward, generator: torch.Generator | None = None,
+                   shared: torch.Generator | None = None) -> dict:
     """Move the generator along the DMD gradient (+ reg, + GAN), into the generator only.
 
     x̂ = x_in − s_g·G(x_in, s_g, c);  x_s = renoise(x̂, s ~ U[s_min, s_max])
     L = λ_dmd·DMD(x̂; x0_fake, x0_real) + λ_reg·DMD(x̂; x0_fake, target) + λ_gan·softplus(−D(φ(x_s)))
     target = x_gt (the paper) or x0_real(renoise(x_gt)) (data forcing, see ``reg_target``).
     """
-    x_in, s_g = generator_input(roles, x_gt, cond, st, generator)
+    x_in, s_g = generator_input(roles, x_gt, cond, st, generator, shared)
     with roles.generator.scope():
         x_hat = roles.generator_x0(x_in, s_g, cond)
         s, eps, x_s = _renoise(x_hat, st, generator)

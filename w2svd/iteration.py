@@ -161,17 +161,19 @@ class IterationResult:
 
 def train_iteration(it: int, roles: Roles, x_gt: torch.Tensor, cond: Cond, st: StepSettings, cadence: Cadence,
                     critic: Trainable, generator: Trainable, *, rng: torch.Generator | None = None,
-                    ema: Averaged | None = None, lr_scale: float = 1.0,
+                    shared_rng: torch.Generator | None = None, ema: Averaged | None = None, lr_scale: float = 1.0,
                     check: Callable[[dict], bool] | None = None) -> IterationResult:
     """Iteration ``it``: one critic update, then a generator update when ``cadence`` says so.
 
     ``lr_scale`` multiplies the generator's scheduled rate (a guard's rollback decay); the
     critic's rate is the caller's to scale. ``check(metrics)`` runs after each loss and before
     its update (finite-loss checks of a distributed job; it may raise); False ends the iteration.
+    ``shared_rng``: the draws every rank must make alike (``generator_input``); default ``rng``.
     """
     out = IterationResult()
     critic.zero_grad()
-    out.metrics |= critic_step(roles, x_gt, cond, st, backward=critic.backward, generator=rng)
+    out.metrics |= critic_step(roles, x_gt, cond, st, backward=critic.backward, generator=rng,
+                               shared=shared_rng)
     if check is not None and not check(out.metrics):
         out.stopped = True
         return out
@@ -181,7 +183,8 @@ def train_iteration(it: int, roles: Roles, x_gt: torch.Tensor, cond: Cond, st: S
     factor = cadence.generator_lr_factor(cadence.updates_before(it))
     generator.set_lr_scale(lr_scale * factor)
     generator.zero_grad()
-    out.metrics |= generator_step(roles, x_gt, cond, st, backward=generator.backward, generator=rng)
+    out.metrics |= generator_step(roles, x_gt, cond, st, backward=generator.backward, generator=rng,
+                                  shared=shared_rng)
     out.metrics["lr/generator_factor"] = factor
     if check is not None and not check(out.metrics):
         out.stopped = True

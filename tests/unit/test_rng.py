@@ -9,7 +9,7 @@ import torch
 
 from w2svd import rng
 from w2svd.baselines import flow_matching_step, lcm_step
-from w2svd.distill import StepSettings, critic_step, generator_step
+from w2svd.distill import StepSettings, critic_step, generator_input, generator_step
 from w2svd.models.base import Cond
 from w2svd.models.toy import TOY_LORA_TARGETS, ToyDenoiser
 from w2svd.roles import View, build_roles
@@ -95,3 +95,26 @@ def test_training_steps_draw_only_through_the_helper(draws_only_through_rng, bac
     with torch.no_grad():
         sample_student(lambda z, s: teacher(z, s, cond), torch.zeros(4, 6), 4, 1.0, "renoise", g)
     assert {"randn", "rand", "randint"} <= set(draws_only_through_rng)
+
+
+def test_backward_simulation_depth_follows_the_shared_stream_not_the_rank_stream():
+    # Under ZeRO-3 every rank gathers parameters per forward, so every rank must run as many
+    # generator forwards as the others: ranks with different streams but one shared stream agree.
+    torch.manual_seed(0)
+    teacher = ToyDenoiser(6, 3, hidden=16, depth=2)
+    x = torch.zeros(4, 6).normal_()
+    cond = Cond(text=torch.nn.functional.one_hot(torch.arange(4) % 3, 3).float())
+    st = StepSettings(student_steps=4, backward_simulation=True)
+
+    def forwards(rank_seed: int, shared: torch.Generator | None) -> int:
+        roles = build_roles(copy.deepcopy(teacher), lora_rank=2, lora_alpha=2.0, lora_targets=TOY_LORA_TARGETS)
+        calls = []
+        roles.generator.backbone.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            generator_input(roles, x, cond, st, gen(rank_seed), shared)
+        return len(calls)
+
+    alone = [forwards(rank, None) for rank in range(8)]
+    assert len(set(alone)) > 1  # the rank's own stream: ranks would disagree
+    shared = [forwards(rank, gen(1234)) for rank in range(8)]
+    assert len(set(shared)) == 1
