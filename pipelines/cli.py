@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("pipelines.promote", "point champion back at the previous version"),
     "bench": ("bench", "benchmarks: toy, toy-family, ... (bench/NAME.py)"),
     "plan": ("pipelines.plan", "GPU memory per GPU and how many GPUs a distillation run needs"),
+    "world": ("pipelines.world", "build (or show) a config's self-trained portrait world: VAE, teacher"),
     "config": ("pipelines.show_config", "print a resolved config"),
 }
 

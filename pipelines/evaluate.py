@@ -32,11 +32,17 @@ from pipelines.registry import check_model_uri, resolve_version
 from pipelines.startup import init_ray
 from pipelines.tracking import registry_uri
 from w2svd.config import Config, EvalConfig, load_config
-from w2svd.evalset import EvalSet, build_evalset, reference_clips
+from w2svd.evalset import EvalSet, build_evalset, reference_clips, reference_factors
 from w2svd.metrics.domain import ensure_domain_encoder
 
 FVD_KEY = "fvd/domain"
 FACE_KEY = "face_detection_rate"
+FACTOR_KEY = "factor_agreement"
+# Caption factors checked from the pixels (blink timing is left out: a generated clip has no
+# "true" blink frames, only the caption's "blinking").
+FACTOR_KEYS = ("talking", "blink", "skin_tone", "hair_color", "background")
+# The real-vs-real floor's second draw of synthetic portraits: eval.factor_seed + this.
+REAL_FLOOR_OFFSET = 7919
 VBENCH_DIMS = ("dynamic_degree", "temporal_flickering", "motion_smoothness", "subject_consistency",
                "background_consistency", "aesthetic_quality", "imaging_quality")
 
@@ -45,8 +51,11 @@ VBENCH_DIMS = ("dynamic_degree", "temporal_flickering", "motion_smoothness", "su
 # Model sources (plain dicts: they travel to the actors)
 
 
-def model_source(uri: str, tracking_uri: str | None = None) -> dict:
-    return {"kind": "model", "uri": uri, "tracking_uri": tracking_uri}
+def model_source(uri: str, tracking_uri: str | None = None, steps: int | None = None) -> dict:
+    """A registered or exported generator; ``steps`` samples it at another step count than its
+    export's (a consistency student, LCM, is one model for every count)."""
+    source = {"kind": "model", "uri": uri, "tracking_uri": tracking_uri}
+    return source if steps is None else {**source, "steps": int(steps)}
 
 
 def teacher_source(teacher: str, steps: int, config: str, overrides: list[str] | tuple = ()) -> dict:
@@ -61,13 +70,16 @@ def load_source(source: dict, device: str | None = None):
     if source["kind"] == "teacher":
         return load_teacher_bundle(source["teacher"], source["steps"], source["config"], source["overrides"],
                                    device=device)
-    return load_registered_generator(source["uri"], source.get("tracking_uri"), device=device)
+    bundle = load_registered_generator(source["uri"], source.get("tracking_uri"), device=device)
+    return bundle.with_steps(source["steps"]) if source.get("steps") else bundle
 
 
 def describe_source(source: dict) -> str:
+    if source["kind"] == "real":
+        return f"real synthetic clips (factor seed {source['factor_seed']})"
     if source["kind"] == "teacher":
         return f"teacher {source['teacher']} (Euler, {source['steps']} steps)"
-    return source["uri"]
+    return source["uri"] + (f" at {source['steps']} steps" if source.get("steps") else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,25 +113,35 @@ class GenerateClips:
         return {"label": np.array(labels, dtype=object), "index": batch["index"], "clip": np.stack(clips)}
 
 
-def clip_scores(clip_THWC: np.ndarray, fps: float) -> dict[str, float]:
-    """Per-clip values whose mean over clips is the set's value (every metric here is one)."""
+def clip_scores(clip_THWC: np.ndarray, fps: float, factors: dict | None = None) -> dict[str, float]:
+    """Per-clip values whose mean over clips is the set's value (every metric here is one).
+
+    With the item's synthetic ``factors`` also the agreement of the clip with its caption
+    (``factor/<name>``: talking, blink, skin tone, hair colour, background; 0 or 1 per clip) and
+    their mean ``factor_agreement``."""
     from w2svd.metrics import face_detection_rate, vbench_report
+    from w2svd.metrics.portrait import clip_factor_agreement
 
     report = vbench_report(clip_THWC[None], fps=fps, dimensions=list(VBENCH_DIMS))
     scores = {name: float(entry["value"]) for name, entry in report.items()}
     scores[FACE_KEY] = float(face_detection_rate(clip_THWC[None]))
+    if factors is not None:
+        agreement = {k: v for k, v in clip_factor_agreement(clip_THWC, factors).items() if k in FACTOR_KEYS}
+        scores |= {f"factor/{k}": float(v) for k, v in agreement.items()}
+        scores[FACTOR_KEY] = float(np.mean(list(agreement.values())))
     return scores
 
 
 class ComputeMetrics:
     """Actor: clips → partial metrics (fake-side Fréchet statistics + per-clip scores), mergeable."""
 
-    def __init__(self, encoder_path: str, fps: float, threads: int = 1):
+    def __init__(self, encoder_path: str, fps: float, threads: int = 1, factors: list[dict] | None = None):
         from w2svd.metrics import DomainVideoEncoder
 
         torch.set_num_threads(max(1, threads))
         self.encoder = DomainVideoEncoder.from_path(encoder_path)
         self.fps = fps
+        self.factors = factors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from w2svd.metrics import FrechetDistance
@@ -133,11 +155,15 @@ class ComputeMetrics:
             fd.update(clips, real=False)
             buf = io.BytesIO()
             torch.save(fd.state(), buf)
-            scores = {int(batch["index"][i]): clip_scores(np.asarray(batch["clip"][i]), self.fps) for i in idx}
+            scores = {int(batch["index"][i]): clip_scores(np.asarray(batch["clip"][i]), self.fps,
+                                                          self._factors(int(batch["index"][i]))) for i in idx}
             out["label"].append(label)
             out["state"].append(buf.getvalue())
             out["scores"].append(json.dumps(scores))
         return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+    def _factors(self, index: int) -> dict | None:
+        return None if self.factors is None else self.factors[index]
 
 
 def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[str, dict]:
@@ -160,7 +186,8 @@ def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[s
                         batch_size=e.batch_size, batch_format="numpy", num_cpus=e.actor_num_cpus,
                         num_gpus=e.actor_num_gpus, compute=ray.data.ActorPoolStrategy(size=e.generator_actors))
     ds = ds.map_batches(ComputeMetrics,
-                        fn_constructor_kwargs={"encoder_path": encoder_path, "fps": e.fps, "threads": threads},
+                        fn_constructor_kwargs={"encoder_path": encoder_path, "fps": e.fps, "threads": threads,
+                                               "factors": reference_factors(evalset)},
                         batch_size=e.batch_size, batch_format="numpy", num_cpus=e.actor_num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=e.metric_actors))
     partials = ds.take_all()
@@ -188,6 +215,60 @@ def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[s
     return reports
 
 
+def real_clips_report(cfg: Config, log=print) -> dict:
+    """The evaluation's numbers for real clips instead of a model's: a second draw of synthetic
+    portraits for the same prompts' sizes (``eval.factor_seed + REAL_FLOOR_OFFSET``, disjoint from
+    the references) scored exactly like generated clips. Its ``fvd/domain`` is the real-vs-real
+    floor at this set size (no model can be expected below it), its other metrics are what real
+    clips score (the targets a generator's values are read against)."""
+    from dataclasses import replace
+
+    from w2svd.metrics import DomainVideoEncoder, FrechetDistance
+
+    start = time.time()
+    e = cfg.eval
+    encoder_path, encoder_sha = ensure_domain_encoder(e)
+    evalset = build_evalset(e).with_domain_encoder(encoder_sha)
+    other = build_evalset(replace(e, factor_seed=e.factor_seed + REAL_FLOOR_OFFSET))
+    clips, factors = reference_clips(other).numpy(), reference_factors(other)
+    encoder = DomainVideoEncoder.from_path(encoder_path)
+    fd = FrechetDistance(encoder)
+    fd.update(reference_clips(evalset), real=True)
+    fd.update(torch.from_numpy(clips), real=False)
+    per_item = {i: clip_scores(clip, e.fps, f) for i, (clip, f) in enumerate(zip(clips, factors, strict=True))}
+    metrics = {FVD_KEY: fd.compute()}
+    for name in per_item[0]:
+        metrics[name] = float(np.mean([per_item[i][name] for i in sorted(per_item)]))
+    source = {"kind": "real", "factor_seed": e.factor_seed + REAL_FLOOR_OFFSET}
+    report = build_report(source, evalset, e, encoder_path, encoder_sha, metrics, per_item, time.time() - start)
+    log("[evaluate] real clips: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return report
+
+
+def sample_clips(sources: dict[str, dict], cfg: Config, count: int = 4) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The first ``count`` real clips of the evaluation set and each source's clips for the same
+    prompts and noise (in this process: for pictures, not for numbers)."""
+    evalset = build_evalset(cfg.eval)
+    items = evalset.items[:count]
+    clips = {}
+    for label, source in sources.items():
+        bundle = load_source(source, device="cpu")
+        clips[label] = bundle.generate([it.prompt for it in items], [it.seed for it in items], items[0].num_frames,
+                                       items[0].height, items[0].width).numpy()
+    return reference_clips(evalset).numpy()[:count], clips
+
+
+def write_sample_strip(path: str | Path, real: np.ndarray, rows: dict[str, np.ndarray], scale: int = 2) -> Path:
+    """A PNG: real clips in the first row, then one row per model (frames left to right)."""
+    from w2svd.data.video import encode_png
+    from w2svd.previews import sample_grid
+
+    grid = sample_grid([("real clips", real), *rows.items()], clips=len(real), scale=scale,
+                       label_width=150 if scale > 1 else 110)
+    Path(path).write_bytes(encode_png(grid))
+    return Path(path)
+
+
 def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: str, encoder_sha: str,
                  metrics: dict, per_item: dict, seconds: float) -> dict:
     from w2svd.metrics.vbench import DIMENSIONS
@@ -195,6 +276,8 @@ def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: st
     backends = {name: DIMENSIONS[name].backend for name in VBENCH_DIMS}
     backends[FVD_KEY] = f"domain-encoder sha256:{encoder_sha[:16]}"
     backends[FACE_KEY] = "opencv-haar"
+    if FACTOR_KEY in metrics:
+        backends[FACTOR_KEY] = "pixel checks of the synthetic factors (w2svd.metrics.portrait)"
     return {
         "model": {**source, "description": describe_source(source)},
         "evalset": {"fingerprint": evalset.fingerprint(), "num_prompts": len(evalset), "num_frames": e.num_frames,

@@ -34,3 +34,16 @@ def init_ray(need_cpus: float = 0.0, num_cpus: int | None = None) -> bool:
     os.environ.setdefault(WORKER_START_TIMEOUT_ENV, LOCAL_WORKER_START_TIMEOUT_S)
     ray.init(num_cpus=num_cpus or local_num_cpus(need_cpus), include_dashboard=False)
     return True
+
+
+# What `make` exports for every command (Makefile): no hub access, no Ray token or telemetry, Ray
+# and gloo on loopback. In-process programs that start a local Ray (world build, benchmarks) set
+# them too, for a user who runs them without make; a value already set is kept.
+LOCAL_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_AUTH_MODE": "disabled",
+                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def set_local_env_defaults() -> None:
+    for key, value in LOCAL_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+

@@ -57,6 +57,10 @@ class VAEArch:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.476986
+    # 8 is the 13B VAE's; the self-trained portrait world uses 4 (a milder compression that a
+    # small VAE trained on CPU can reconstruct).
+    spatial_compression_ratio: int = 8
+    mid_block_add_attention: bool = True
 
 
 @dataclass
@@ -73,6 +77,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     text_max_length: int = 256
+    # Tokenizer of the tiny random-init text encoders (no model.text_encoder): "bytes" (UTF-8
+    # bytes) or "words" (one id per word, so a short max length still covers every word of a
+    # caption and captions differing in one word differ in one token).
+    text_tokenizer: Literal["bytes", "words"] = "bytes"
     seed: int = 0
 
 
@@ -293,6 +301,30 @@ class PromotionConfig:
 
 
 @dataclass
+class WorldConfig:
+    """``w2svd world build``: the self-trained parts of a portrait world (``w2svd/world.py``).
+
+    The VAE trains on synthetic portrait clips rendered at the first bucket's size (random crops
+    of ``vae_crop`` = frames, height, width) and is accepted when its PSNR on clips of disjoint
+    seeds reaches ``vae_min_psnr``; the teacher is fine-tuned by the ``finetune`` job on
+    ``data_clips`` pre-encoded clips. Everything is cached under the hash of these settings."""
+
+    seed: int = 0
+    vae_clips: int = 64
+    vae_test_clips: int = 8
+    vae_steps: int = 1500
+    vae_batch_size: int = 4
+    vae_crop: list[int] = field(default_factory=lambda: [5, 32, 32])
+    vae_lr: float = 4e-4
+    vae_kl_weight: float = 1e-6
+    vae_min_psnr: float = 28.0
+    data_clips: int = 128
+    teacher_steps: int = 1500
+    teacher_lr: float = 3e-4
+    teacher_batch_size: int = 4
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for the tests of resume and rollback; never set on a real run."""
 
@@ -375,6 +407,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -600,6 +633,19 @@ def validate(cfg: Config) -> None:
     _check(d.fps > 0 and d.max_seconds > 0, "data.fps and data.max_seconds must be positive")
     _check(d.encoder_num_gpus >= 0 and d.encoder_num_cpus >= 0 and d.decode_num_cpus > 0,
            "data.encoder_num_gpus/encoder_num_cpus must be >= 0 and data.decode_num_cpus > 0")
+    va, w = cfg.model.vae_arch, cfg.world
+    _check(va.spatial_compression_ratio in (2, 4, 8, 16),
+           f"model.vae_arch.spatial_compression_ratio = {va.spatial_compression_ratio}; choose one of [2, 4, 8, 16]")
+    _check(len(va.block_out_channels) > va.spatial_compression_ratio.bit_length() - 1,
+           "model.vae_arch.block_out_channels needs one block more than the spatial downsamplings "
+           f"(log2 {va.spatial_compression_ratio})")
+    _check(len(w.vae_crop) == 3 and (w.vae_crop[0] - 1) % 4 == 0 and all(c >= 1 for c in w.vae_crop),
+           f"world.vae_crop = {w.vae_crop} must be [frames (4k+1), height, width]")
+    for key in ("vae_clips", "vae_test_clips", "vae_steps", "vae_batch_size", "data_clips", "teacher_steps",
+                "teacher_batch_size"):
+        _check(getattr(w, key) >= 1, f"world.{key} must be >= 1")
+    _check(w.vae_lr > 0 and w.teacher_lr > 0 and w.vae_kl_weight >= 0,
+           "world.vae_lr and world.teacher_lr must be positive, world.vae_kl_weight >= 0")
     e = cfg.eval
     _check(e.num_prompts >= 2, f"eval.num_prompts = {e.num_prompts} must be >= 2 (a Fréchet distance needs two samples)")
     _check((e.num_frames - 1) % 4 == 0, f"eval.num_frames = {e.num_frames} must be 4k+1 (VAE constraint)")

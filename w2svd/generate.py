@@ -56,6 +56,13 @@ class GeneratorBundle:
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    def with_steps(self, steps: int) -> GeneratorBundle:
+        """The same generator sampled at ``steps`` steps (the shifted sigmas of that count): the
+        teacher's N-step Euler baselines, a consistency (LCM) student at another step count."""
+        sigmas = [float(x) for x in student_sigmas(int(steps), self.settings.shift)]
+        return replace(self, settings=replace(self.settings, steps=int(steps), sigmas=sigmas),
+                       source=f"{self.source}@{int(steps)}")
+
     def default_size(self) -> tuple[int, int, int]:
         b = self.cfg.data.buckets[0]
         return b.frames, b.height, b.width
@@ -172,11 +179,10 @@ def load_teacher_bundle(teacher: str, steps: int, config: str = "debug", overrid
     from w2svd.models.hunyuan import build_backbone
 
     overrides = [*overrides, f"method.teacher_steps={int(steps)}"]
-    if Path(teacher).expanduser().exists() or storage.is_s3(teacher):
+    if Path(teacher).expanduser().is_dir() or storage.is_s3(teacher):
         cfg = load_config(config, [*overrides, f"model.teacher={teacher}"])
     else:
         cfg = load_config(teacher, overrides)
     backbone = build_backbone(cfg.model, device=device).eval().requires_grad_(False)
-    settings = sampler_settings_for(cfg, role="teacher")
-    sigmas = [float(x) for x in student_sigmas(steps, cfg.method.shift)]
-    return _bundle(backbone, replace(settings, steps=steps, sigmas=sigmas), cfg, f"teacher:{teacher}@{steps}", device)
+    bundle = _bundle(backbone, sampler_settings_for(cfg, role="teacher"), cfg, f"teacher:{teacher}", device)
+    return bundle.with_steps(steps)

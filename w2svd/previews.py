@@ -55,3 +55,35 @@ def quick_metrics(clips_BTHWC: np.ndarray, fps: float, log=print) -> dict[str, f
         log(f"[w2svd] quick metrics of the previews failed: {err}")
         return {}
     return {f"quick/{name}": float(r["value"]) for name, r in report.items()}
+
+
+def sample_grid(rows: list[tuple[str, np.ndarray]], frames: int = 3, clips: int = 4, scale: int = 2,
+                label_width: int = 150) -> np.ndarray:
+    """One still image of several clip sets: a row per set (its label on the left), ``clips`` clips
+    per row, each shown as ``frames`` evenly spaced frames, upscaled ``scale``× (nearest, so what is
+    shown is what the metrics saw). Rows of different clip sizes are resized to the first's."""
+    import cv2
+
+    if not rows:
+        raise ValueError("sample_grid needs at least one row")
+    first = np.asarray(rows[0][1])
+    T, H, W = first.shape[1:4]
+    picks = np.linspace(0, T - 1, frames).round().astype(int)
+    gap, out_rows = 4, []
+    for label, clips_BTHWC in rows:
+        clips_BTHWC = np.asarray(clips_BTHWC)[:clips]
+        tiles = []
+        for clip in clips_BTHWC:
+            idx = np.linspace(0, len(clip) - 1, frames).round().astype(int) if len(clip) != T else picks
+            strip = np.concatenate([cv2.resize(np.ascontiguousarray(clip[i]), (W, H), interpolation=cv2.INTER_AREA)
+                                    for i in idx], axis=1)
+            tiles += [strip, np.full((H, gap, 3), 255, np.uint8)]
+        row = np.concatenate(tiles, axis=1)
+        row = cv2.resize(row, (row.shape[1] * scale, H * scale), interpolation=cv2.INTER_NEAREST)
+        text = np.full((H * scale, label_width, 3), 255, np.uint8)
+        for j, line in enumerate(label.split("\n")[:4]):
+            cv2.putText(text, line, (4, 16 + 16 * j), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        out_rows += [np.concatenate([text, row], axis=1), np.full((gap, label_width + row.shape[1], 3), 255, np.uint8)]
+    width = max(r.shape[1] for r in out_rows)
+    out_rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
+    return np.concatenate(out_rows, axis=0)

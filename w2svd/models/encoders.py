@@ -29,8 +29,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_weights(uri: str, options: storage.StorageOptions | None = None) -> Path:
-    """A local folder with the weights at ``uri`` (a bucket folder is mirrored once)."""
+    """A local folder with the weights at ``uri`` (a bucket folder is mirrored once; a
+    ``world:CONFIG/PART`` URI is the self-trained part of a portrait world, ``w2svd.world``)."""
+    from w2svd import world
+
+    if world.is_world_uri(uri):
+        return world.resolve_world_uri(uri)
     return storage.copy_to_local(uri, options=options)
+
+
+def weights_id(uri: str) -> str:
+    """What shards record as the id of configured weights (a world part adds its settings' key)."""
+    from w2svd import world
+
+    return world.world_part_id(uri) if world.is_world_uri(uri) else uri
 
 
 @contextlib.contextmanager
@@ -62,26 +74,82 @@ class ByteTokenizer:
         return ids, ids != self.pad_id
 
 
+class WordTokenizer:
+    """Deterministic word-level tokenizer for random-init text encoders: ``<bos> words <eos> <pad>...``.
+
+    A word (lower-cased, punctuation stripped) gets the id its SHA-1 picks in ``[4, vocab_size)``,
+    so no vocabulary file is needed and every process agrees. Unlike bytes, a caption of ~35
+    words fits a short ``max_length``, so each factor word (skin, hair, background, talking…)
+    reaches the encoder. ``eos_id`` is not 2: CLIP's text model reads its pooled output at the
+    highest id when ``eos_token_id == 2``, which would be an arbitrary word here.
+    """
+
+    pad_id, bos_id, eos_id = 0, 1, 3
+    vocab_size = 4096
+
+    @classmethod
+    def word_id(cls, word: str) -> int:
+        digest = int(hashlib.sha1(word.encode("utf-8")).hexdigest()[:8], 16)
+        return 4 + digest % (cls.vocab_size - 4)
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        cleaned = "".join(ch if ch.isalnum() else " " for ch in text.lower())
+        return cleaned.split()
+
+    def __call__(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if max_length < 2:
+            raise ValueError(f"max_length = {max_length} leaves no room for <bos> and <eos>")
+        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            body = [self.word_id(w) for w in self.words(text)][: max_length - 2]
+            tokens = [self.bos_id, *body, self.eos_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, ids != self.pad_id
+
+
+def tiny_tokenizer(cfg: Config):
+    return WordTokenizer() if cfg.model.text_tokenizer == "words" else ByteTokenizer()
+
+
 # ---------------------------------------------------------------------------------------------
 # VAE
 
 
 def _vae_arch(cfg: Config) -> dict:
     a = cfg.model.vae_arch
-    return dict(latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
+    arch = dict(latent_channels=a.latent_channels, block_out_channels=tuple(a.block_out_channels),
                 layers_per_block=a.layers_per_block, norm_num_groups=a.norm_num_groups,
                 scaling_factor=a.scaling_factor)
+    # Only when set, so the ids of existing configs' random VAEs stay what their shards recorded.
+    if a.spatial_compression_ratio != 8:
+        arch["spatial_compression_ratio"] = a.spatial_compression_ratio
+    if not a.mid_block_add_attention:
+        arch["mid_block_add_attention"] = False
+    return arch
+
+
+def vae_kwargs(cfg: Config) -> dict:
+    """Keyword arguments of ``AutoencoderKLHunyuanVideo`` for ``model.vae_arch`` (one block type
+    per entry of ``block_out_channels``: diffusers' defaults assume four)."""
+    arch = _vae_arch(cfg)
+    n = len(arch["block_out_channels"])
+    return {**arch, "down_block_types": ("HunyuanVideoDownBlock3D",) * n,
+            "up_block_types": ("HunyuanVideoUpBlock3D",) * n}
 
 
 def encoder_ids(cfg: Config) -> tuple[str, str]:
     """(vae_id, text_encoder_id) that shards record, known without building the models."""
     m = cfg.model
-    vae_id = m.vae or _arch_id("hunyuan-vae", m.seed, {**_vae_arch(cfg), "dtype": m.dtype})
+    vae_id = weights_id(m.vae) if m.vae else _arch_id("hunyuan-vae", m.seed, {**_vae_arch(cfg), "dtype": m.dtype})
     if m.text_encoder:
-        text_id = f"{m.text_encoder}+{m.text_encoder_2}"
+        text_id = f"{weights_id(m.text_encoder)}+{weights_id(m.text_encoder_2)}"
     else:
         llama_cfg, clip_cfg = _tiny_text_configs(cfg)
-        text_id = _arch_id("llama+clip", m.seed, {"llama": llama_cfg, "clip": clip_cfg, "dtype": m.dtype})
+        arch = {"llama": llama_cfg, "clip": clip_cfg, "dtype": m.dtype}
+        if m.text_tokenizer != "bytes":
+            arch["tokenizer"] = m.text_tokenizer
+        text_id = _arch_id("llama+clip", m.seed, arch)
     return vae_id, text_id
 
 
@@ -93,7 +161,7 @@ def build_vae(cfg: Config, options: storage.StorageOptions | None = None):
         vae = AutoencoderKLHunyuanVideo.from_pretrained(str(resolve_weights(cfg.model.vae, options)), torch_dtype=dtype)
     else:
         with _seeded(cfg.model.seed):
-            vae = AutoencoderKLHunyuanVideo(**_vae_arch(cfg))
+            vae = AutoencoderKLHunyuanVideo(**vae_kwargs(cfg))
         vae = vae if dtype == torch.float32 else vae.to(dtype)
     return vae.eval().requires_grad_(False), encoder_ids(cfg)[0]
 
@@ -104,7 +172,7 @@ def build_vae(cfg: Config, options: storage.StorageOptions | None = None):
 
 def _tiny_text_configs(cfg: Config) -> tuple[dict, dict]:
     d, p = cfg.model.arch.text_embed_dim, cfg.model.arch.pooled_projection_dim
-    tok = ByteTokenizer()
+    tok = tiny_tokenizer(cfg)
     llama_cfg = dict(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max(64, cfg.model.text_max_length),
                      pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
@@ -122,7 +190,7 @@ def _tiny_text_encoders(cfg: Config):
         llama = LlamaModel(LlamaConfig(**llama_cfg))
     with _seeded(cfg.model.seed + 2):
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
-    return llama, ByteTokenizer(), clip, ByteTokenizer(), encoder_ids(cfg)[1]
+    return llama, tiny_tokenizer(cfg), clip, tiny_tokenizer(cfg), encoder_ids(cfg)[1]
 
 
 class TextEncoders:
@@ -147,7 +215,7 @@ class TextEncoders:
             self.llama_tok = AutoTokenizer.from_pretrained(_tokenizer_dir(llama_dir))
             self.clip_tok = CLIPTokenizer.from_pretrained(_tokenizer_dir(clip_dir))
             self.template = DEFAULT_PROMPT_TEMPLATE
-            self.encoder_id = f"{m.text_encoder}+{m.text_encoder_2}"
+            self.encoder_id = encoder_ids(cfg)[1]
         for model in (self.llama, self.clip):
             model.to(self.dtype).eval().requires_grad_(False)
         got_d, got_p = self.llama.config.hidden_size, self.clip.config.hidden_size
@@ -167,7 +235,7 @@ class TextEncoders:
         return next(self.llama.parameters()).device
 
     def _tokenize(self, tok, texts: list[str], max_length: int):
-        if isinstance(tok, ByteTokenizer):
+        if isinstance(tok, (ByteTokenizer, WordTokenizer)):
             return tok(texts, max_length)
         out = tok(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
         return out.input_ids, out.attention_mask.bool()

@@ -209,12 +209,17 @@ def _check_family(model_cfg: ModelConfig, transformer: HunyuanVideoTransformer3D
 def resolve_teacher(teacher: str, cache_dir: str | os.PathLike | None = None,
                     config_only: bool = False) -> Path:
     """The local transformer folder (``config.json`` + safetensors) named by ``teacher``: a
-    local folder, or an ``s3://`` prefix mirrored by ``storage.copy_to_local`` (the configured
-    endpoint and credentials; only ``config.json`` when ``config_only``)."""
+    local folder, an ``s3://`` prefix mirrored by ``storage.copy_to_local`` (the configured
+    endpoint and credentials; only ``config.json`` when ``config_only``), or a portrait world's
+    ``world:CONFIG/teacher`` (``w2svd.world``)."""
     def wanted(rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
         return name == "config.json" if config_only else name.endswith((".json", ".safetensors"))
 
+    from w2svd import world
+
+    if world.is_world_uri(teacher):
+        teacher = str(world.resolve_world_uri(teacher, None if cache_dir is None else Path(cache_dir) / "worlds"))
     if teacher.startswith("s3://"):
         try:
             root = storage.copy_to_local(teacher, cache_dir, include=wanted)

@@ -1,0 +1,210 @@
+"""``w2svd world build``: a config's portrait world — a VAE that reconstructs, a teacher that makes faces.
+
+    w2svd world build --config portrait        # VAE → clips → pre-encode → fine-tune → check
+    w2svd world show --config portrait         # what is built, where, and its numbers
+
+1. the VAE (the real ``AutoencoderKLHunyuanVideo`` class at ``model.vae_arch``) is trained on
+   synthetic portraits until it reconstructs clips it never saw (``w2svd.world.train_vae``);
+2. ``world.data_clips`` synthetic clips at the first bucket's size are pre-encoded by the
+   ``preencode`` stage (Ray Data) with that VAE and the config's text encoders;
+3. the ``finetune`` job (Ray Train + DeepSpeed) trains the teacher on those shards;
+4. the check: the evaluation job scores the teacher's 28-step and 1-step Euler samples against
+   real clips (domain FVD with its real-vs-real floor, face detection rate, caption factors) and
+   a strip ``samples.png`` shows real clips beside teacher samples.
+
+Each part is cached under the hash of its settings (``w2svd/world.py``); the config then
+names them as ``model.vae: world:CONFIG/vae`` and ``model.teacher: world:CONFIG/teacher``. The
+teacher folder also keeps the shards (``latents/``), so distillation runs can use the same data:
+``w2svd distill --config portrait --data $(w2svd world show --config portrait --path latents)``.
+A build killed half way resumes: the pre-encode and fine-tune stages resume from their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipelines.errors import ArgumentParser, UserError, run_main
+from w2svd import world
+from w2svd.config import Config, load_config
+
+LATENTS_DIR = "latents"
+SAMPLES_FILE = "samples.png"
+# Criteria of a teacher "that looks like the data" (issue 13): face rate within this of the
+# real clips', domain FVD within this factor of the real-vs-real floor.
+FACE_RATE_TOLERANCE = 0.1
+FVD_FLOOR_FACTOR = 2.0
+
+
+def finetune_config(config: str) -> Config:
+    """The fine-tune job's config: the world's recipe, from random weights."""
+    cfg = load_config(config)
+    w = cfg.world
+    return load_config(config, ["model.teacher=null", f"optim.steps={w.teacher_steps}",
+                                f"optim.finetune_lr={w.teacher_lr}", f"optim.batch_size={w.teacher_batch_size}"])
+
+
+def write_clips(cfg: Config, out: Path, log=print) -> Path:
+    """``world.data_clips`` synthetic clips at the first bucket's size (the teacher's data)."""
+    from w2svd.data import synth
+
+    if (out / "captions.jsonl").is_file() and \
+            len((out / "captions.jsonl").read_text().splitlines()) == cfg.world.data_clips:
+        return out
+    frames, height, width = world.first_bucket_size(cfg)
+    log(f"[world] rendering {cfg.world.data_clips} clips {frames}x{height}x{width} to {out}")
+    synth.write_dataset(str(out), cfg.world.data_clips, seed=world.hash_seed(cfg.world.seed, "teacher-data"),
+                        portrait_sizes=((width, height),), landscape_sizes=((width, height),), lengths=(frames,),
+                        fps_choices=(cfg.data.fps,), orientation="portrait" if height >= width else "landscape")
+    return out
+
+
+def build_teacher(config: str, log=print, force: bool = False, check: bool = True) -> tuple[Path, dict]:
+    from pipelines import finetune, preencode
+    from pipelines.startup import init_ray
+    from pipelines.training import train
+
+    cfg = load_config(config)
+    final, prebuilt = world.part_location(config, "teacher")
+    for folder in ([] if force else [final, prebuilt]):
+        if folder is not None and (folder / world.REPORT_FILE).is_file():
+            log(f"[world] teacher: using {folder}")
+            report = json.loads((folder / world.REPORT_FILE).read_text())
+            if check and "check" not in report and folder == final:  # a build stopped before its check
+                report["check"] = check_teacher(config, final, log)
+                (final / world.REPORT_FILE).write_text(json.dumps(report, indent=2))
+            return folder, report
+    t0 = time.time()
+    work = final.with_name(final.name + ".work")
+    raw, latents, run = work / "raw", work / LATENTS_DIR, work / "finetune"
+    if force and work.exists():
+        shutil.rmtree(work)
+    write_clips(cfg, raw, log)
+    init_ray()
+    summary = preencode.run(str(raw), str(latents), cfg, log=log)
+    ft_cfg = finetune_config(config)
+    log(f"[world] teacher: fine-tuning {final.name} ({ft_cfg.optim.steps} steps)")
+    result = train("finetune", finetune.train_loop_per_worker, ft_cfg, str(latents), str(run))
+    if result.get("status") != "finished" or not result.get("export"):
+        raise RuntimeError(f"the teacher's fine-tune did not finish: {result}")
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(result["export"], tmp)
+    shutil.copytree(latents, tmp / LATENTS_DIR)
+    report = {"part": "teacher", "key": world.teacher_key(cfg), "vae_key": world.vae_key(cfg),
+              "data_clips": cfg.world.data_clips, "encoded": summary.get("encoded"), "finetune": result,
+              "seconds_build": round(time.time() - t0, 1)}
+    (tmp / world.REPORT_FILE).write_text(json.dumps(report, indent=2))
+    world.publish(tmp, final)
+    if check:
+        report["check"] = check_teacher(config, final, log)
+        (final / world.REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return final, report
+
+
+def check_teacher(config: str, folder: Path, log=print) -> dict:
+    """The teacher's 28- and 1-step samples through the evaluation job, beside real clips."""
+    from pipelines.evaluate import FACE_KEY, FVD_KEY, evaluate_sources, real_clips_report, teacher_source
+
+    cfg = load_config(config)
+    steps = cfg.method.teacher_steps
+    # The folder itself, not world:CONFIG/teacher: the check must score what was just built even
+    # if the config was edited meanwhile (a new key would name another, unbuilt folder).
+    reports = evaluate_sources({f"teacher-{steps}": teacher_source(str(folder), steps, config),
+                                "teacher-1": teacher_source(str(folder), 1, config)}, cfg, log=log)
+    real = real_clips_report(cfg, log=log)
+    write_teacher_strip(cfg, str(folder), config, folder / SAMPLES_FILE, steps)
+    rows = {"real": real["metrics"], **{k: r["metrics"] for k, r in reports.items()}}
+    t = rows[f"teacher-{steps}"]
+    verdict = {
+        "face_rate_within": abs(t[FACE_KEY] - real["metrics"][FACE_KEY]) <= FACE_RATE_TOLERANCE,
+        "fvd_within_floor_factor": t[FVD_KEY] <= FVD_FLOOR_FACTOR * real["metrics"][FVD_KEY],
+        "talking_agreement_at_least_real": t.get("factor/talking", 0.0) >= real["metrics"].get("factor/talking", 1.0) - 0.15,
+        "28_beats_1_step_fvd": t[FVD_KEY] < rows["teacher-1"][FVD_KEY],
+    }
+    log("[world] teacher check: " + json.dumps(verdict))
+    return {"metrics": rows, "verdict": verdict, "evalset": real["evalset"]}
+
+
+def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, steps: int, count: int = 4) -> Path:
+    """Real clips (the evaluation's references) beside the teacher's samples at ``steps`` and 1 step."""
+    from pipelines.evaluate import sample_clips, teacher_source, write_sample_strip
+
+    real, clips = sample_clips({f"teacher\nEuler {n} steps": teacher_source(teacher, n, config) for n in (steps, 1)},
+                               cfg, count)
+    return write_sample_strip(path, real, clips)
+
+
+def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = True) -> dict:
+    vae_dir, vae_report = world.build_world_vae(config, log=log, force="vae" in force)
+    psnr = vae_report.get("test_psnr_saved", vae_report["test_psnr"])
+    bound = load_config(config).world.vae_min_psnr
+    if psnr < bound:
+        raise UserError(f"the VAE of {config!r} reaches {psnr:.2f} dB on unseen clips, below world.vae_min_psnr = "
+                        f"{bound}; raise world.vae_steps (its folder {vae_dir} is kept)")
+    teacher_dir, teacher_report = build_teacher(config, log, force="teacher" in force, check=check)
+    return {"vae": {"path": str(vae_dir), "test_psnr": psnr},
+            "teacher": {"path": str(teacher_dir), **{k: teacher_report[k] for k in ("key", "check")
+                                                    if k in teacher_report}}}
+
+
+def show(config: str) -> dict:
+    out = {}
+    for part in world.PARTS:
+        cached, prebuilt = world.part_location(config, part)
+        folder = next((f for f in (cached, prebuilt) if f is not None and (f / world.REPORT_FILE).is_file()), None)
+        out[part] = {"path": str(folder or cached), "built": folder is not None}
+        if folder is not None:
+            report = json.loads((folder / world.REPORT_FILE).read_text())
+            out[part] |= {k: report[k] for k in ("key", "test_psnr", "test_psnr_saved", "check") if k in report}
+    return out
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="w2svd world", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["build", "show"])
+    p.add_argument("--config", default="portrait", help="config whose world to build (its model.vae/teacher "
+                                                        "name world:CONFIG/PART)")
+    p.add_argument("--force", action="append", default=[], choices=list(world.PARTS),
+                   help="rebuild this part even if cached (repeatable)")
+    p.add_argument("--no-check", action="store_true", help="skip the teacher's evaluation and sample strip")
+    p.add_argument("--path", choices=[*world.PARTS, LATENTS_DIR],
+                   help="with show: print only this folder (latents: the teacher's shards)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of this process")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+
+    def body() -> int:
+        import torch
+
+        from pipelines.startup import set_local_env_defaults
+
+        set_local_env_defaults()
+        args = parser.parse_args(argv)
+        torch.set_num_threads(max(1, args.threads))
+        if args.action == "show":
+            status = show(args.config)
+            if args.path:
+                part = "teacher" if args.path == LATENTS_DIR else args.path
+                if not status[part]["built"]:
+                    raise UserError(f"the {part} of world {args.config!r} is not built; run "
+                                    f"`w2svd world build --config {args.config}`")
+                print(Path(status[part]["path"]) / (LATENTS_DIR if args.path == LATENTS_DIR else ""))
+            else:
+                print(json.dumps(status, indent=2))
+            return 0
+        print(json.dumps(build(args.config, force=tuple(args.force), check=not args.no_check), indent=2))
+        return 0
+
+    return run_main("w2svd world", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

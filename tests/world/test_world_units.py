@@ -1,0 +1,100 @@
+"""The portrait world's pieces that need no training: math against hand-written references,
+the word tokenizer, world URIs and their cache keys, the sample grid."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from w2svd import world
+from w2svd.config import load_config
+from w2svd.models.encoders import TextEncoders, WordTokenizer, encoder_ids, vae_kwargs
+
+
+def test_psnr_matches_hand_computed_values():
+    x = torch.zeros(2, 4)
+    y = torch.tensor([[0.1, -0.1, 0.1, -0.1], [0.0, 0.0, 0.0, 0.2]])
+    # MSE 0.01 and 0.01: 10·log10(2² / 0.01) = 10·log10(400)
+    expected = 10 * math.log10(400.0)
+    assert world.psnr(y, x).tolist() == pytest.approx([expected, expected])
+    assert world.psnr(x, x).isinf().all()
+    # uint8 convention: range 255, one pixel off by 255 of four -> MSE 255²/4 -> 10·log10(4)
+    a, b = torch.tensor([[0.0, 0, 0, 0]]), torch.tensor([[255.0, 0, 0, 0]])
+    assert float(world.psnr(a, b, data_range=255.0)[0]) == pytest.approx(10 * math.log10(4.0))
+    with pytest.raises(ValueError):
+        world.psnr(torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+def test_kl_to_standard_normal_matches_closed_form():
+    mean = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0], [0.0, math.log(4.0)]])
+    # per element 0.5·(m² + σ² − 1 − log σ²): [0, 0.5] and [2, 0.5·(4 − 1 − log 4)]
+    rows = [0.5, 2.0 + 0.5 * (3.0 - math.log(4.0))]
+    assert float(world.kl_to_standard_normal(mean, logvar)) == pytest.approx(sum(rows) / 2)
+
+
+def test_word_tokenizer_one_token_per_word_and_factor_words_distinct():
+    from w2svd.data import synth
+
+    tok = WordTokenizer()
+    ids, mask = tok(["Pale skin, black hair.", "pale SKIN black hair"], max_length=8)
+    assert ids[0].tolist() == ids[1].tolist()  # case and punctuation do not matter
+    assert mask[0].sum() == 6 and ids[0, 0] == tok.bos_id and ids[0, 5] == tok.eos_id
+    words = {w for name in (*synth.SKIN_TONES, *synth.HAIR_COLORS, *synth.BACKGROUNDS, *synth.FACE_SHAPES,
+                            "talking", "silent", "left", "right", "still", "turning", "holding") for w in name.split()}
+    assert len({tok.word_id(w) for w in words}) == len(words), "two factor words share a token id"
+
+
+def test_portrait_text_encoders_tell_every_factor_apart():
+    cfg = load_config("portrait")
+    text = TextEncoders(cfg)
+    base = ("A portrait video of a person with pale skin, black hair and a oval face in front of a blue "
+            "background, talking, holding the head still, blinking.")
+    variants = [base, base.replace("pale", "dark"), base.replace("black hair", "red hair"),
+                base.replace("blue background", "green background"), base.replace("talking", "silent, mouth closed"),
+                base.replace("oval", "round")]
+    t, m, p = text.encode(variants)
+    assert t.shape[1] == cfg.model.text_max_length and int(m[0].sum()) < cfg.model.text_max_length
+    for i in range(1, len(variants)):
+        assert (t[i] - t[0]).norm() > 0.05 * t[0].norm(), variants[i]
+        assert (p[i] - p[0]).norm() > 0.02 * p[0].norm(), variants[i]
+    again = TextEncoders(cfg).encode(variants[:1])
+    assert torch.equal(again[0], t[:1]) and torch.equal(again[2], p[:1])  # deterministic across builds
+
+
+def test_world_uris_and_keys():
+    assert world.parse_world_uri("world:portrait/vae") == ("portrait", "vae")
+    assert world.parse_world_uri("world:/abs/cfg.yaml/teacher") == ("/abs/cfg.yaml", "teacher")
+    for bad in ("world:portrait", "world:portrait/unet", "world:/vae"):
+        with pytest.raises(ValueError):
+            world.parse_world_uri(bad)
+    cfg = load_config("portrait")
+    assert world.vae_key(cfg) == world.vae_key(load_config("portrait", ["optim.steps=3"]))  # not a VAE setting
+    assert world.vae_key(cfg) != world.vae_key(load_config("portrait", ["world.vae_steps=7"]))
+    assert world.teacher_key(cfg) != world.teacher_key(load_config("portrait", ["world.teacher_steps=7"]))
+    assert encoder_ids(cfg)[0].startswith("world:portrait/vae@" + world.vae_key(cfg))
+
+
+def test_unbuilt_world_part_is_a_one_line_error_naming_the_build(tmp_path):
+    with pytest.raises(FileNotFoundError, match="w2svd world build --config portrait"):
+        world.resolve_world_uri("world:portrait/teacher", cache_dir=tmp_path)
+
+
+def test_small_vae_builds_from_config_with_four_times_spatial_compression():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    cfg = load_config("portrait")
+    vae = AutoencoderKLHunyuanVideo(**vae_kwargs(cfg)).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 9, 32, 16)).latent_dist.mode()
+    assert tuple(z.shape) == (1, cfg.model.vae_arch.latent_channels, 3, 8, 4)
+
+
+def test_sample_grid_shape():
+    from w2svd.previews import sample_grid
+
+    clips = np.zeros((4, 9, 16, 12, 3), np.uint8)
+    img = sample_grid([("real", clips), ("teacher", clips[:2])], frames=3, clips=2, scale=2, label_width=50)
+    assert img.dtype == np.uint8 and img.shape[2] == 3
+    assert img.shape[1] == 50 + 2 * (3 * 12 + 4) * 2 and img.shape[0] == 2 * (16 * 2 + 4)
