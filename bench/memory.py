@@ -35,7 +35,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+from bench._machine import describe as describe_machine  # noqa: E402
 from w2svd import memory  # noqa: E402
 from w2svd.config import Config, load_config  # noqa: E402
 from w2svd.data.buckets import latent_size  # noqa: E402
@@ -588,7 +588,7 @@ def measure(args, argv) -> dict:
         raise SystemExit(f"w2svd bench memory: unknown size or method {unknown}")
     torch.set_num_threads(1)
     started = time.time()
-    report = {"machine": machine(), "load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
+    report = {"machine": f"{describe_machine()}, torch {torch.__version__} CPU, gloo", "load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(["w2svd bench memory", *(sys.argv[1:] if argv is None else argv)])}
     cells = [{"size": s, "method": m, "zero": z} for s in sizes for m in methods
              for z in map(int, args.zero.split(","))]
@@ -601,15 +601,6 @@ def measure(args, argv) -> dict:
     report["seconds"] = round(time.time() - started, 1)
     report["load_average_end"] = os.getloadavg()
     return report
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} CPU, gloo"
 
 
 if __name__ == "__main__":

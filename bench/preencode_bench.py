@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from bench._machine import describe as describe_machine  # noqa: E402
 from pipelines import preencode  # noqa: E402
 from w2svd.config import load_config  # noqa: E402
 from w2svd.data import storage, synth  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     costs = scaling(runs[-1]["naive"], runs[-1]["pipeline"], cfg)
-    report = {"runs": runs, "costs": costs, "logical_cpus": logical, "machine": machine(), "config": cfg.name,
+    report = {"runs": runs, "costs": costs, "logical_cpus": logical, "machine": describe_machine(), "config": cfg.name,
               "overrides": args.overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
               "data": {k: getattr(cfg.data, k) for k in ("decode_batch_size", "decode_num_cpus", "encoder_pool_size",
                                                           "encoder_num_cpus", "encode_batch_size",
@@ -179,15 +179,6 @@ def markdown(report: dict) -> str:
     lines.append(f"\nmachine: {report['machine']}; local Ray with {report['logical_cpus']:g} logical CPUs; "
                  f"config {report['config']} {' '.join(report['overrides'])}; data settings {report['data']}")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores ({cpu})"
 
 
 if __name__ == "__main__":

@@ -81,16 +81,18 @@ def test_mahalanobis_and_on_mode_assignment_on_a_known_case():
     assert lost_modes(torch.tensor([0.9, 0.1, 0.0], dtype=torch.float64), torch.tensor([0.5, 0.5])) == 1
 
 
-def test_true_samples_have_small_mode_tv_and_a_one_mode_collapse_a_large_one():
+def test_true_samples_score_well_and_a_one_mode_collapse_badly():
     problem = default_problem()
     labels = torch.arange(8000) % problem.num_captions
     good = evaluate_samples(problem, problem.sample(labels, torch.Generator().manual_seed(1)), labels)
-    assert good["mode_tv"] < 0.03 and good["modes_lost"] == 0 and good["on_mode"] > 0.99
+    assert good["fd"] < 0.5 and good["mode_tv"] < 0.03 and good["modes_lost"] == 0 and good["on_mode"] > 0.99
     collapsed = problem.means_KMD[labels, 0] + problem.mode_std * torch.randn(len(labels), problem.dim)
     bad = evaluate_samples(problem, collapsed, labels)
-    # Every sample on mode 0 of its caption: TV = ½(|1 − ¼| + 3·¼) = 0.75, three modes lost per caption.
+    # Every sample on mode 0 of its caption: TV = ½(|1 − ¼| + 3·¼) = 0.75, three modes lost per
+    # caption, and a large distance.
     assert bad["mode_tv"] == pytest.approx(0.75, abs=0.01)
-    assert bad["modes_lost"] == problem.num_captions * 3
+    assert bad["modes_lost"] == problem.num_captions * (problem.modes_per_caption[0] - 1) == problem.num_captions * 3
+    assert bad["fd"] > 10 * good["fd"]
 
 
 def test_samples_that_sit_on_no_mode_lose_every_mode():
