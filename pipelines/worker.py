@@ -30,7 +30,8 @@ from pipelines.engines import Trained, make_engine
 from pipelines.guards import Guards
 from pipelines.latent_stream import Batch, LatentStream
 from pipelines.tracking import Tracker
-from w2svd.config import Config, from_dict, to_yaml, validate
+from w2svd.config import Config, from_dict, to_yaml
+from w2svd.config_checks import validate
 from w2svd.data import storage
 from w2svd.models.base import Cond
 from w2svd.previews import VAE_LABEL, decode_samples, quick_metrics, video_strip
