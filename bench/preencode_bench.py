@@ -3,27 +3,33 @@
     python bench/preencode_bench.py --clips 24,240 [--config debug] [overrides...]
 
 Both sides run the same library calls on the same synthetic clips: ``decode_clip`` →
-``encode_clips`` → ``write_batch`` (w2svd/data). The naive loop does one clip at a time in this
-process, torch with its default threads; the pipeline is ``pipelines.preencode.run`` (decode
+``encode_clips`` → ``write_batch`` (w2svd/data). The naive loop is what a user would write: a
+fresh Python process that imports the encoders, loads them and does one clip at a time, torch
+with its default threads (every core). The pipeline is ``pipelines.preencode.run`` (decode
 tasks, an encoder actor pool, shard writers, streaming concurrently) with the config's data
-settings plus the overrides. For each clip count it reports the fixed start-up (naive: loading
-the models; pipeline: until the first shard is written — scheduling, starting the actors and
-loading their models, filling the pipeline) and the steady-state rate after it, the per-stage
-seconds and the load average, then a scaling estimate from the measured per-stage costs.
-``ray.init`` is not counted (a cluster is already up when a job starts).
+settings, ``--encoders`` actors of one CPU and one torch thread each (default: one per core),
+plus the overrides. For each clip count it reports the fixed start-up (naive: importing and
+loading the models; pipeline: until the first shard is written — scheduling, starting the
+actors, importing and loading their models, filling the pipeline) and the steady-state rate
+after it, the per-stage seconds and the load average, then a scaling estimate from the measured
+per-stage costs. ``ray.init`` is not counted (a cluster is already up when a job starts).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import sys
-import tempfile
 import time
-from collections import Counter
-from pathlib import Path
+
+PROCESS_START = time.perf_counter()  # the naive loop's clock starts before its imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,20 +38,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench._machine import describe as describe_machine  # noqa: E402
-from pipelines import preencode  # noqa: E402
 from w2svd.config import load_config  # noqa: E402
-from w2svd.data import storage, synth  # noqa: E402
+from w2svd.data import storage  # noqa: E402
 from w2svd.data.clips import decode_clip, encode_clips, list_inputs, precheck  # noqa: E402
 from w2svd.data.manifest import write_batch  # noqa: E402
 
 
-def naive_loop(raw: str, out: str, cfg) -> dict:
-    """One clip at a time: decode, encode (batch of one), write a shard every ``shard_rows``."""
+def naive_loop(raw: str, out: str, cfg, start: float) -> dict:
+    """One clip at a time: decode, encode (batch of one), write a shard every ``shard_rows``;
+    ``start`` is when the process started, so the set-up counts importing the models too."""
     from w2svd.models.encoders import LatentEncoder
 
     options = storage.StorageOptions.from_env()
-    start = time.perf_counter()
     inputs = [r for r in list_inputs(raw, cfg, options) if not precheck(r, cfg)]
     encoder = LatentEncoder(cfg, options)
     stage = Counter(setup=time.perf_counter() - start)
@@ -70,7 +74,17 @@ def naive_loop(raw: str, out: str, cfg) -> dict:
             "stages_s": {k: round(v, 3) for k, v in stage.items()}}
 
 
+def naive_in_fresh_process(raw: str, out: str, config: str, overrides: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--naive-worker", raw, out, "--config", config, *overrides],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"naive loop failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def pipeline(raw: str, out: str, cfg) -> dict:
+    from pipelines import preencode
+
     s = preencode.run(raw, out, cfg, log=lambda *_: None)["this_run"]
     n = s["encoded"] + s["quarantined"]
     return {"wall_s": s["wall_s"], "clips": n, "clips_per_s": n / s["wall_s"], "startup_s": s["startup_s"],
@@ -109,15 +123,24 @@ def main(argv=None) -> int:
                                                                 "pipeline's own rule, pipelines.startup)")
     p.add_argument("--portrait-size", default="144x256")
     p.add_argument("--landscape-size", default="256x144")
+    p.add_argument("--encoders", type=int, default=os.cpu_count() or 1,
+                   help="encoder actors for the pipeline, one CPU and one torch thread each (default: one per core)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--naive-worker", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides for the pipeline (and the naive loop)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    if args.naive_worker:
+        print(json.dumps(naive_loop(*args.naive_worker, load_config(args.config, args.overrides), PROCESS_START)))
+        return 0
+    pipeline_overrides = [f"data.encoder_pool_size={args.encoders}", "data.encoder_num_cpus=1", *args.overrides]
+    cfg = load_config(args.config, pipeline_overrides)
     size = lambda text: (tuple(int(v) for v in text.split("x")),)  # noqa: E731
 
     import ray
 
+    from bench._machine import describe as describe_machine
     from pipelines.startup import init_ray
+    from w2svd.data import synth
 
     work = Path(tempfile.mkdtemp(prefix="preencode-bench-"))
     runs = []
@@ -133,7 +156,7 @@ def main(argv=None) -> int:
                                 fps_choices=(12.0, 24.0))
             print(f"rendered {clips} clips in {time.perf_counter() - t0:.1f}s", flush=True)
             load = {"before": os.getloadavg()[0]}
-            naive = naive_loop(raw, str(work / f"naive-{clips}"), cfg)
+            naive = naive_in_fresh_process(raw, str(work / f"naive-{clips}"), args.config, args.overrides)
             load["after_naive"] = os.getloadavg()[0]
             print("naive:", json.dumps(naive), flush=True)
             piped = pipeline(raw, str(work / f"ray-{clips}"), cfg)
@@ -146,7 +169,7 @@ def main(argv=None) -> int:
 
     costs = scaling(runs[-1]["naive"], runs[-1]["pipeline"], cfg)
     report = {"runs": runs, "costs": costs, "logical_cpus": logical, "machine": describe_machine(), "config": cfg.name,
-              "overrides": args.overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "overrides": pipeline_overrides, "date": time.strftime("%Y-%m-%d %H:%M"),
               "data": {k: getattr(cfg.data, k) for k in ("decode_batch_size", "decode_num_cpus", "encoder_pool_size",
                                                           "encoder_num_cpus", "encode_batch_size",
                                                           "encode_batch_pixels", "shard_rows")}}
@@ -163,7 +186,10 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         for name, key, stages in (("naive loop", "naive", "stages_s"), ("Ray Data", "pipeline", "stages_busy_s")):
             x = r[key]
-            steady = f"{x['steady_clips_per_s']:.2f}" if x["steady_clips_per_s"] else "—"
+            # A steady rate needs time after the start-up: below a tenth of the wall it is the
+            # tail of clips finished during the start-up, not a rate.
+            after = x["wall_s"] - x["startup_s"]
+            steady = f"{x['steady_clips_per_s']:.2f}" if x["steady_clips_per_s"] and after > 0.1 * x["wall_s"] else "—"
             stage_text = ", ".join(f"{k} {v:.1f}" for k, v in x[stages].items())
             load = r["load_average_1min"]["after_naive" if key == "naive" else "after_pipeline"]
             lines.append(f"| {r['clips']} | {name} | {x['wall_s']:.1f} | {x['clips_per_s']:.2f} | "

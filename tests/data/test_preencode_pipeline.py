@@ -169,7 +169,7 @@ def _preencode_subprocess(raw, out, *overrides):
     # actors, as it would for a killed job on a cluster.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "pipelines.preencode", "--input", str(raw), "--output", str(out),
-           "data.shard_rows=1", "data.encode_batch_size=1", *overrides]
+           "data.shard_rows=1", "data.encode_batch_size=1", "data.decode_batch_size=1", *overrides]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

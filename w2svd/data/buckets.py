@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where tensors are made, so that decode tasks start without torch
+    import torch
 
 
 class Rejected(ValueError):
@@ -100,6 +103,8 @@ def resize_and_crop(frames_THWC: np.ndarray, height: int, width: int) -> np.ndar
 
 def to_model_input(frames_THWC: np.ndarray) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` → float ``[3, T, H, W]`` in [-1, 1], the VAE's input range."""
+    import torch
+
     # astype copies, so read-only buffers (frames straight from Arrow bytes) are fine.
     return torch.from_numpy(frames_THWC.astype(np.float32)).permute(3, 0, 1, 2).div_(127.5).sub_(1.0)
 
@@ -107,5 +112,7 @@ def to_model_input(frames_THWC: np.ndarray) -> torch.Tensor:
 def clips_from_model_output(video_BCTHW: torch.Tensor) -> torch.Tensor:
     """Decoder output, float ``[B, 3, T, H, W]`` in [-1, 1] → uint8 clips ``[B, T, H, W, 3]``
     (the inverse of ``to_model_input``; values outside [-1, 1] are clipped)."""
+    import torch
+
     x = ((video_BCTHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 4, 1).contiguous().cpu()

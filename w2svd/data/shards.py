@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: pre-encode's decode and write
+    import torch   # tasks use this module, and a torch import costs each new worker ~1.5 s
 
 SHARDS_DIR = "shards"
 QUARANTINE_DIR = "quarantine"
@@ -42,15 +45,8 @@ QUARANTINE_REASONS = {
     "bad_reference": "the reference image named in the captions does not decode",
 }
 
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+# The tensor dtypes a shard can hold, by their ``torch.<name>``.
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
 
 _list_int = pa.list_(pa.int64())
 SHARD_SCHEMA = pa.schema([
@@ -83,10 +79,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def tensor_to_bytes(t: torch.Tensor) -> tuple[bytes, list[int], str]:
+    import torch
+
     t = t.detach().cpu().contiguous()
     name = dtype_name(t.dtype)
-    if name not in _TORCH_DTYPES:
-        raise ValueError(f"cannot store dtype {name}; supported: {sorted(_TORCH_DTYPES)}")
+    if name not in DTYPES:
+        raise ValueError(f"cannot store dtype {name}; supported: {sorted(DTYPES)}")
     return t.view(-1).view(torch.uint8).numpy().tobytes(), list(t.shape), name
 
 
@@ -101,9 +99,11 @@ def bytes_to_batch(chunks, shape, dtype: str) -> torch.Tensor:
 
 
 def joined_bytes_to_batch(joined, rows: int, shape, dtype: str) -> torch.Tensor:
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"unknown tensor dtype {dtype!r}; supported: {sorted(_TORCH_DTYPES)}")
-    torch_dtype = _TORCH_DTYPES[dtype]
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown tensor dtype {dtype!r}; supported: {sorted(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     shape = [int(s) for s in shape]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     expected = rows * int(np.prod(shape)) * itemsize
