@@ -426,40 +426,55 @@ def fit(rows: list[dict]) -> dict:
     return coeffs
 
 
-def fit_deepspeed(cells: list[dict]) -> dict:
-    """``memory.DEEPSPEED_COEFFICIENTS`` from the DeepSpeed cells, given the plain-autograd
-    coefficients: k_T on the cells where nothing is reduced or gathered (one rank, ZeRO-2), then
-    k_G on ZeRO-3 with two ranks, each the grid value (step 0.005) with the least squared
-    relative error of ``memory.deepspeed_step_bytes`` (the whole rule, its max included)."""
-    samples: dict[tuple, list] = {}
-    for c in cells:
-        if "refused" in c:
-            continue
-        cfg = cell_config(c["size"], c["method"], c["zero"], c["workers"])
-        shape, lay = memory.Shape.from_config(cfg), memory.layout(memory.inventory(cfg), c["method"])
-        for eng, step in zip(lay.engines, ("critic", "generator")):
-            for ck in (False, True):
-                key = f"{c['method']}/{step}/checkpointing={ck}"
-                plain = memory.activation_bytes(shape, c["method"], step, ck, "float32")
-                samples.setdefault((key, c["zero"], c["workers"]), []).append(
-                    (c[f"checkpointing={ck}"][step]["activations"], plain, eng.trained, sum(eng.module_params),
-                     c["workers"], c["zero"], c["method"], step, ck))
+def fit_joint(probes: list[dict], cells: list[dict], probe_weight: float = 0.1) -> dict:
+    """The fp32 activation coefficients and ``memory.DEEPSPEED_COEFFICIENTS`` together, per
+    method, step and checkpointing: the non-negative coefficients that minimise the largest
+    relative error over the DeepSpeed cells plus ``probe_weight`` × the largest over the probes
+    (a linear program). A cell is ``activation_features`` + [T·e] + [ZeRO-3, N > 1]·G·e
+    (``memory.deepspeed_step_bytes``); where ``max(a, T·e)`` can decide a cell (T·e within 10 %
+    of the measurement) only its upper bound binds the fit. The probe grid's architectures stop
+    at hidden 128, so the cells (hidden up to 512) are what holds the larger sizes in place."""
+    import numpy as np
+    from scipy.optimize import linprog
 
-    def error(rows, k_t, k_g):
-        memory.DEEPSPEED_COEFFICIENTS[rows[0][0]] = (k_t, k_g)
-        return sum(((memory.deepspeed_step_bytes(plain, method, step, ck, t, mod, n, z, 4) - m) / m) ** 2
-                   for _, (m, plain, t, mod, n, z, method, step, ck) in rows)
-
-    grid = [i * 0.005 for i in range(1201)]
-    coeffs: dict[str, list[float]] = {}
-    for key in sorted({k for k, _, _ in samples}):
-        plain_rows = [(key, r) for r in samples.get((key, 2, 1), [])]
-        k_t = min(grid, key=lambda k: error(plain_rows, k, 0.0)) if plain_rows else 0.0
-        gather_rows = [(key, r) for r in samples.get((key, 3, 2), [])]
-        k_g = min(grid, key=lambda k: error(gather_rows, k_t, k)) if gather_rows else 0.0
-        coeffs[key] = [round(k_t, 3), round(k_g, 3)]
-        memory.DEEPSPEED_COEFFICIENTS[key] = (k_t, k_g)
-    return coeffs
+    e, n_act, n_ds = 4, len(memory.FEATURES), 1 + len(memory.GATHER_FEATURES)
+    out = {}
+    for method in sorted({c["method"] for c in cells if "refused" not in c}):
+        for step, ck in itertools.product(("critic", "generator"), (False, True)):
+            rows = []  # (features, measured, lower bound binds, is a cell)
+            for r in probes:
+                if r["dtype"] == "float32" and r["method"] == method:
+                    rows.append((memory.activation_features(probe_shape(r["probe"]), method) + [0.0] * n_ds,
+                                 r[f"{step}/checkpointing={ck}"], True, False))
+            for c in cells:
+                if "refused" in c or c["method"] != method:
+                    continue
+                cfg = cell_config(c["size"], method, c["zero"], c["workers"])
+                eng = memory.layout(memory.inventory(cfg), method).engines[0 if step == "critic" else 1]
+                gathered = c["zero"] == 3 and c["workers"] > 1
+                g = [v * e for v in memory.gather_features(eng)] if gathered else [0.0] * (n_ds - 1)
+                m = c[f"checkpointing={ck}"][step]["activations"]
+                reduced = c["workers"] > 1 or c["zero"] == 3
+                rows.append((memory.activation_features(memory.Shape.from_config(cfg), method) + [eng.trained * e, *g],
+                             m, not (reduced and eng.trained * e >= 0.9 * m), True))
+            a_ub, b_ub = [], []
+            for feats, measured, lower, is_cell in rows:
+                x = [f / measured for f in feats]
+                t = [-1.0, 0.0] if is_cell else [0.0, -1.0]
+                a_ub.append(x + t)
+                b_ub.append(1.0)
+                if lower:
+                    a_ub.append([-v for v in x] + t)
+                    b_ub.append(-1.0)
+            k = n_act + n_ds
+            res = linprog([0.0] * k + [1.0, probe_weight], A_ub=np.array(a_ub), b_ub=np.array(b_ub),
+                          bounds=[(0, None)] * (k + 2), method="highs")
+            assert res.success, res.message
+            coef = [round(float(v), 6) for v in res.x[:k]]
+            out[f"{method}/{step}/checkpointing={ck}"] = {
+                "activation": coef[:n_act], "deepspeed": coef[n_act:],
+                "max_rel_error_cells": round(float(res.x[k]), 4), "max_rel_error_probes": round(float(res.x[k + 1]), 4)}
+    return out
 
 
 def probe_shape(p: dict) -> memory.Shape:
@@ -538,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--zero", default="2,3")
     p.add_argument("--probes", action="store_true", help="also run the activation probe grid")
-    p.add_argument("--fit", action="store_true", help="fit the planner's activation coefficients to the probes")
+    p.add_argument("--fit", action="store_true", help="fit the planner's activation coefficients (bf16: to the "
+                                                   "probes; fp32 and DeepSpeed's terms: to the probes and cells)")
     p.add_argument("--report", type=Path, metavar="MEMORY_JSON",
                    help="no measuring: compare an earlier memory.json with the current planner")
     p.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per world size")
@@ -565,11 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         report["probes"] = run_probes(args.methods.split(","), ["float32", "bfloat16"])
         save()
     if args.fit:
-        report["fit"] = fit(report["probes"])
+        # bf16 from the probes alone (no bf16 cells on CPU); fp32 jointly with the cells.
+        report["fit"] = fit([r for r in report["probes"] if r["dtype"] != "float32"])
         memory.ACTIVATION_COEFFICIENTS.update({k: v["coefficients"] for k, v in report["fit"].items()})
-        report["fit_deepspeed"] = fit_deepspeed(report["cells"])
-        memory.DEEPSPEED_COEFFICIENTS.update({k: tuple(v) for k, v in report["fit_deepspeed"].items()})
-        print(json.dumps(report["fit"], indent=1), json.dumps(report["fit_deepspeed"], indent=1))
+        report["fit_joint"] = fit_joint(report["probes"], report["cells"])
+        for key, v in report["fit_joint"].items():
+            memory.ACTIVATION_COEFFICIENTS[f"float32/{key}"] = v["activation"]
+            memory.DEEPSPEED_COEFFICIENTS[key] = tuple(v["deepspeed"])
+        print(json.dumps(report["fit"], indent=1), json.dumps(report["fit_joint"], indent=1))
     if memory.ACTIVATION_COEFFICIENTS:
         report["cells"] = compare(report["cells"])
     save()

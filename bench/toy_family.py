@@ -375,7 +375,9 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
 
 
-def summarize(rows: list[dict], guard: dict, guard_table: list[dict], chosen: dict, posthoc: dict | None = None) -> str:
+def summarize(rows: list[dict], guard: dict, guard_table: list[dict], chosen: dict, posthoc: dict | None = None,
+              recipe: str = "recipe") -> str:
+    """``recipe``: the variant name of the chosen recipes' test runs."""
     test = [r for r in rows if r["split"] == "test"]
     problems = sorted({r["problem"] for r in test})
     out = ["## Test problems: final Fréchet (mean ± sd over seeds), floor, modes lost, mode TV", "",
@@ -402,14 +404,14 @@ def summarize(rows: list[dict], guard: dict, guard_table: list[dict], chosen: di
                     + ", ".join(f"{p} {v:.3f}" for p, v in ratios.items())
                     + f"; worst {worst} {'meets' if ratios[worst] < 0.1 else 'misses'} the target."]
     out += ["", "## Targets on every test problem and seed (W2SVD, chosen recipe)", ""]
-    out += targets(test)
+    out += targets(test, recipe)
     out += ["", "## W2SVD vs DMD2 (chosen recipes): ratio of final Fréchet, W2SVD / DMD2 per problem and seed", ""]
     for steps in STEPS:
         ratios = []
         for problem in problems:
             for seed in sorted({r["seed"] for r in test}):
-                w = _pick(test, problem, seed, "w2svd", steps, "recipe")
-                d = _pick(test, problem, seed, "dmd2", steps, "recipe")
+                w = _pick(test, problem, seed, "w2svd", steps, recipe)
+                d = _pick(test, problem, seed, "dmd2", steps, recipe)
                 if w and d:
                     ratios.append(w["fd"] / d["fd"])
         if ratios:
@@ -449,14 +451,14 @@ def _pick(rows, problem, seed, method, steps, variant):
                  and r["steps"] == steps and r["variant"] == variant), None)
 
 
-def targets(test: list[dict]) -> list[str]:
+def targets(test: list[dict], recipe: str = "recipe") -> list[str]:
     checks = {"1-step final <= 0.2 x 1-step Euler": [], "1-step final <= 1.25 x best on curve": [],
               "4-step final <= 4-step Euler": [], "no mode lost (1 and 4 steps)": [],
               "mode TV <= 2 x true samples' TV (1 and 4 steps)": []}
     for problem in sorted({r["problem"] for r in test}):
         for seed in sorted({r["seed"] for r in test}):
             e1, e4 = _pick(test, problem, seed, "euler", 1, ""), _pick(test, problem, seed, "euler", 4, "")
-            w1, w4 = _pick(test, problem, seed, "w2svd", 1, "recipe"), _pick(test, problem, seed, "w2svd", 4, "recipe")
+            w1, w4 = _pick(test, problem, seed, "w2svd", 1, recipe), _pick(test, problem, seed, "w2svd", 4, recipe)
             if not (e1 and e4 and w1 and w4):
                 continue
             checks["1-step final <= 0.2 x 1-step Euler"].append(w1["fd"] <= 0.2 * e1["fd"])
@@ -468,7 +470,8 @@ def targets(test: list[dict]) -> list[str]:
     return [f"- {name}: {'MET' if v and all(v) else 'NOT MET'} ({sum(v)} of {len(v)})" for name, v in checks.items()]
 
 
-def plot_family(rows: list[dict], entries: list[dict], out: Path) -> None:
+def plot_family(rows: list[dict], entries: list[dict], out: Path, recipe: str = "recipe",
+                name: str = "curves_test.png") -> None:
     """Per test problem: mean Fréchet curve over seeds of each method's recipe, 1 and 4 steps."""
     import matplotlib
 
@@ -481,7 +484,7 @@ def plot_family(rows: list[dict], entries: list[dict], out: Path) -> None:
         for ax, steps in zip(row_axes, STEPS):
             for method in METHODS:
                 curves = [e["curve"] for e in entries if e["row"]["problem"] == problem and e["row"]["method"] == method
-                          and e["row"]["steps"] == steps and e["row"]["variant"] == "recipe"]
+                          and e["row"]["steps"] == steps and e["row"]["variant"] == recipe]
                 if not curves:
                     continue
                 xs = [p["gen_updates"] for p in curves[0]]
@@ -499,7 +502,7 @@ def plot_family(rows: list[dict], entries: list[dict], out: Path) -> None:
                    ylabel="Fréchet to truth", yscale="log")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves_test.png", dpi=90)
+    fig.savefig(out / name, dpi=90)
     plt.close(fig)
 
 

@@ -329,9 +329,11 @@ def activation_features(s: Shape, method: str) -> list[float]:
             b * nt * d * s.refiner_blocks, b * n * rho * layers, twice, b, 1.0]
 
 
-# Bytes per unit of each feature, fitted by ``bench/memory.py --fit`` to the probe grid's peaks
-# (CPU, torch 2.13, diffusers 0.42.1); key: "dtype/method/step/checkpointing=…". Per method,
-# because which weights are trained decides what a step saves.
+# Bytes per unit of each feature, fitted by ``bench/memory.py --fit`` (CPU, torch 2.13,
+# diffusers 0.42.1): bf16 to the probe grid's peaks, fp32 jointly with DeepSpeed's terms to the
+# probes and the measured cells (no bf16 cell runs on CPU); key:
+# "dtype/method/step/checkpointing=…". Per method, because which weights are trained decides
+# what a step saves.
 ACTIVATION_COEFFICIENTS: dict[str, list[float]] = {
     "bfloat16/dmd2/critic/checkpointing=False": [71.446, 0.0, 51.755, 15.02, 87.871, 0.0, 0.0, 87.867, 147.049, 0.0, 1.853, 0.0, 0.0],
     "bfloat16/dmd2/critic/checkpointing=True": [0.0, 0.0, 1.191, 0.0, 0.0, 64.345, 0.0, 61.672, 74.153, 0.0, 2.706, 0.0, 0.0],
@@ -345,18 +347,18 @@ ACTIVATION_COEFFICIENTS: dict[str, list[float]] = {
     "bfloat16/w2svd-lora/critic/checkpointing=True": [3.609, 0.0, 0.498, 1.118, 0.0, 29.573, 3.327, 62.543, 10.137, 0.0, 0.0, 0.0, 6441.932],
     "bfloat16/w2svd-lora/generator/checkpointing=False": [58.054, 3.657, 50.137, 3.435, 14.878, 1.357, 2.289, 59.252, 0.0, 15.903, 0.0, 8.58, 0.0],
     "bfloat16/w2svd-lora/generator/checkpointing=True": [4.498, 0.419, 4.273, 0.017, 0.0, 34.871, 1.848, 45.053, 0.728, 0.0, 0.0, 0.0, 1540.766],
-    "float32/dmd2/critic/checkpointing=False": [106.705, 0.0, 71.484, 30.133, 161.14, 0.0, 0.0, 130.354, 279.865, 0.0, 4.065, 0.0, 0.0],
-    "float32/dmd2/critic/checkpointing=True": [0.0, 0.0, 4.034, 0.0, 0.0, 109.762, 0.0, 84.249, 138.073, 0.0, 5.356, 0.0, 0.0],
-    "float32/dmd2/generator/checkpointing=False": [127.304, 18.906, 118.793, 12.04, 63.401, 27.554, 1.49, 80.936, 155.0, 0.0, 0.0, 8469.735, 0.0],
-    "float32/dmd2/generator/checkpointing=True": [5.038, 1.735, 13.068, 0.641, 0.0, 75.513, 0.0, 62.371, 156.404, 0.0, 0.338, 0.0, 0.0],
-    "float32/w2svd-full/critic/checkpointing=False": [83.979, 8.004, 66.527, 5.815, 13.622, 0.0, 4.239, 117.81, 16.7, 28.606, 0.0, 2443.906, 0.0],
-    "float32/w2svd-full/critic/checkpointing=True": [7.848, 0.0, 0.0, 2.282, 0.0, 34.336, 6.963, 98.643, 23.765, 0.0, 0.0, 0.0, 7551.358],
-    "float32/w2svd-full/generator/checkpointing=False": [109.119, 12.178, 92.693, 10.512, 20.033, 14.45, 4.028, 80.495, 71.859, 19.967, 0.0, 5875.99, 0.0],
-    "float32/w2svd-full/generator/checkpointing=True": [10.506, 0.0, 10.111, 0.0, 0.0, 35.277, 7.396, 66.03, 85.959, 0.0, 0.0, 0.0, 1914.287],
-    "float32/w2svd-lora/critic/checkpointing=False": [83.979, 8.004, 66.527, 5.815, 13.622, 0.0, 4.239, 117.81, 16.7, 28.606, 0.0, 2443.906, 0.0],
-    "float32/w2svd-lora/critic/checkpointing=True": [7.848, 0.0, 0.0, 2.282, 0.0, 34.336, 6.963, 98.643, 23.765, 0.0, 0.0, 0.0, 7551.358],
-    "float32/w2svd-lora/generator/checkpointing=False": [82.144, 7.997, 69.298, 6.617, 14.022, 0.0, 4.377, 81.25, 0.0, 30.234, 0.0, 1646.78, 0.0],
-    "float32/w2svd-lora/generator/checkpointing=True": [10.339, 0.227, 9.204, 0.0, 0.0, 35.39, 6.179, 62.182, 6.637, 0.0, 0.0, 0.0, 2481.982],
+    "float32/dmd2/critic/checkpointing=False": [112.528, 0.0, 67.0, 22.22, 182.0, 23.894, 10.318, 106.882, 295.135, 0.0, 3.714, 0.0, 0.0],
+    "float32/dmd2/critic/checkpointing=True": [0.0, 0.0, 0.0, 0.0, 0.0, 181.774, 0.0, 41.686, 232.521, 0.0, 3.481, 0.0, 26024.438],
+    "float32/dmd2/generator/checkpointing=False": [130.189, 15.509, 105.344, 16.949, 97.295, 32.17, 0.0, 82.089, 155.164, 0.0, 0.095, 0.0, 0.0],
+    "float32/dmd2/generator/checkpointing=True": [14.747, 0.0, 14.093, 0.0, 0.0, 61.007, 11.849, 50.31, 193.624, 0.0, 0.0, 9619.29, 0.0],
+    "float32/w2svd-full/critic/checkpointing=False": [94.332, 6.731, 68.431, 6.959, 0.0, 0.0, 0.0, 113.84, 0.0, 18.078, 0.0, 17861.048, 0.0],
+    "float32/w2svd-full/critic/checkpointing=True": [17.289, 0.0, 0.099, 0.0, 0.0, 77.549, 1.204, 78.325, 0.0, 5.076, 0.0, 0.0, 1365.125],
+    "float32/w2svd-full/generator/checkpointing=False": [81.985, 22.302, 92.637, 12.03, 0.0, 81.098, 0.0, 51.189, 0.0, 81.553, 0.0, 43685.639, 0.0],
+    "float32/w2svd-full/generator/checkpointing=True": [4.918, 0.0, 20.355, 0.0, 0.0, 89.715, 0.656, 40.49, 3.167, 17.113, 0.0, 44466.643, 0.0],
+    "float32/w2svd-lora/critic/checkpointing=False": [98.91, 9.418, 45.451, 12.544, 0.0, 0.0, 0.0, 102.374, 0.0, 5.124, 0.0, 44595.843, 0.0],
+    "float32/w2svd-lora/critic/checkpointing=True": [7.337, 0.0, 0.0, 0.0, 1.729, 40.12, 11.471, 94.345, 31.502, 3.025, 0.0, 0.0, 0.0],
+    "float32/w2svd-lora/generator/checkpointing=False": [80.659, 6.853, 79.405, 0.0, 0.0, 0.0, 9.649, 92.21, 17.31, 1.398, 0.0, 8245.337, 0.0],
+    "float32/w2svd-lora/generator/checkpointing=True": [3.542, 0.0, 0.0, 0.0, 0.0, 97.817, 0.0, 51.567, 0.0, 22.331, 0.0, 0.0, 0.0],
 }
 
 
@@ -451,48 +453,64 @@ def step_activations(cfg: Config, method: str, dtype: str, batch: int | None = N
     out = {}
     for eng, step in zip(lay.engines, ("critic", "generator"), strict=True):
         out[step] = {ck: deepspeed_step_bytes(activation_bytes(shape, method, step, ck, dtype), method, step, ck,
-                                              eng.trained, sum(eng.module_params), ranks, zero_stage, e)
+                                              eng, ranks, zero_stage, e)
                      for ck in (False, True)}
     return out
 
 
-# Multipliers of the engine's trained bytes (k_T) and of its modules' bytes under ZeRO-3 on
-# several ranks (k_G), fitted by ``bench/memory.py --fit`` to the DeepSpeed cells (fp32, 2026-12-06,
-# the run in docs/benchmarks.md); key: "method/step/checkpointing=…".
-DEEPSPEED_COEFFICIENTS: dict[str, tuple[float, float]] = {
-    "dmd2/critic/checkpointing=False": (0.015, 0.61),
-    "dmd2/critic/checkpointing=True": (0.0, 0.265),
-    "dmd2/generator/checkpointing=False": (0.01, 0.0),
-    "dmd2/generator/checkpointing=True": (0.0, 0.06),
-    "w2svd-full/critic/checkpointing=False": (5.215, 0.125),
-    "w2svd-full/critic/checkpointing=True": (1.05, 0.27),
-    "w2svd-full/generator/checkpointing=False": (0.045, 0.075),
-    "w2svd-full/generator/checkpointing=True": (0.01, 0.135),
-    "w2svd-lora/critic/checkpointing=False": (5.215, 0.0),
-    "w2svd-lora/critic/checkpointing=True": (1.05, 0.0),
-    "w2svd-lora/generator/checkpointing=False": (6.0, 0.0),
-    "w2svd-lora/generator/checkpointing=True": (0.525, 0.0),
+# Multipliers fitted by ``bench/memory.py --fit`` (jointly with the fp32 activation
+# coefficients, to the probes and the DeepSpeed cells: fp32, 2026-12-06, the run in
+# docs/benchmarks.md); key: "method/step/checkpointing=…"; values: k_T, then the
+# coefficients of ``GATHER_FEATURES``.
+DEEPSPEED_COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    "dmd2/critic/checkpointing=False": (0.1069, 0.2575, 0.4943, 0.0),
+    "dmd2/critic/checkpointing=True": (0.1589, 0.3025, 0.064, 0.0),
+    "dmd2/generator/checkpointing=False": (0.0, 0.0, 0.0, 0.048),
+    "dmd2/generator/checkpointing=True": (0.0036, 0.0, 0.0, 0.0627),
+    "w2svd-full/critic/checkpointing=False": (3.4604, 0.0, 0.1906, 0.0),
+    "w2svd-full/critic/checkpointing=True": (0.8819, 0.1561, 0.0, 5.0393),
+    "w2svd-full/generator/checkpointing=False": (0.0126, 0.0278, 0.0, 0.0),
+    "w2svd-full/generator/checkpointing=True": (0.0045, 0.0, 0.0, 0.0627),
+    "w2svd-lora/critic/checkpointing=False": (4.4569, 0.0, 0.0, 0.0),
+    "w2svd-lora/critic/checkpointing=True": (1.2669, 0.0, 0.0, 0.0),
+    "w2svd-lora/generator/checkpointing=False": (7.6816, 0.0, 0.0, 0.0),
+    "w2svd-lora/generator/checkpointing=True": (1.0564, 0.0, 0.0, 0.0),
 }
 
+GATHER_FEATURES = ("M", "M≥1e5", "max")
 
-def deepspeed_step_bytes(plain: float, method: str, step: str, checkpointing: bool, trained: int, module: int,
-                         ranks: int, zero_stage: int, e: int, bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> float:
+
+def gather_features(engine: Engine) -> list[float]:
+    """Parameter elements of ``engine``'s modules that a ZeRO-3 step on several ranks gathers:
+    all of them (M), those in tensors of at least 1e5 elements, and the largest tensor (one
+    gathered weight at a time, prefetch off)."""
+    sizes = engine.module_params
+    return [float(sum(sizes)), float(sum(n for n in sizes if n >= 100_000)), float(max(sizes))]
+
+
+def deepspeed_step_bytes(plain: float, method: str, step: str, checkpointing: bool, engine: Engine, ranks: int,
+                         zero_stage: int, e: int, bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> float:
     """A step's transient peak inside DeepSpeed, from its plain-autograd peak (measured causes):
 
-        a = plain + k_T·T·e + [ZeRO-3, N > 1]·k_G·M·e
+        a = plain + k_T·T·e + [ZeRO-3, N > 1]·Σ_j k_j·G_j·e
         gradients reduced across ranks (N > 1, or ZeRO-3): a ← max(a, T·e)  if T ≤ R
                                                            a ← a + R·e      otherwise
 
-    ``T`` the engine's trained elements, ``M`` its modules' parameter elements, ``R`` the reduce
+    ``T`` the engine's trained elements, ``G = gather_features(engine)``, ``R`` the reduce
     bucket. k_T: DeepSpeed's gradient hooks on adapters (their gradients are copied, and the
-    adapter runs twice in the critic step). k_G: under ZeRO-3, a linear layer's backward keeps
+    adapter runs twice in the critic step). k_j: under ZeRO-3, a linear layer's backward keeps
     the gathered weight it saw in the forward (through the transposed view that ``linear``
-    saves), so a step holds a share of its module gathered. The max: a reduction flattens the
-    gradients of one bucket at a time; a module smaller than a bucket is flattened whole at the
-    end of the backward, when most activations are gone (a smaller bucket measured smaller).
+    saves), so a step holds a share of its module gathered; which share grows with the model
+    in a way one term did not follow (the fit over four sizes needs the three). The max: a
+    reduction flattens the gradients of one bucket at a time; a module smaller than a bucket
+    is flattened whole at the end of the backward, when most activations are gone.
     """
-    k_t, k_g = DEEPSPEED_COEFFICIENTS.get(f"{method}/{step}/checkpointing={checkpointing}", (0.0, 0.0))
-    a = plain + k_t * trained * e + (k_g * module * e if zero_stage == 3 and ranks > 1 else 0.0)
+    k_t, *k_g = DEEPSPEED_COEFFICIENTS.get(f"{method}/{step}/checkpointing={checkpointing}",
+                                           (0.0,) * (1 + len(GATHER_FEATURES)))
+    trained = engine.trained
+    a = plain + k_t * trained * e
+    if zero_stage == 3 and ranks > 1:
+        a += sum(k * g for k, g in zip(k_g, gather_features(engine), strict=True)) * e
     if ranks > 1 or zero_stage == 3:
         a = max(a, trained * e) if trained <= bucket_elements else a + bucket_elements * e
     return a
