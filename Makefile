@@ -46,6 +46,7 @@ bench-toy: $(STAMP)
 # The family study (hours on a shared 2-core machine; resumable: rerun to continue).
 bench-toy-family: $(STAMP)
 	nice -n 10 $(VENV)/bin/w2svd bench toy-family --out runs/toy-family
+	nice -n 10 $(VENV)/bin/w2svd bench toy-family-r2 --out runs/toy-family
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

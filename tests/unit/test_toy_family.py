@@ -93,5 +93,25 @@ def test_fast_family_study_writes_the_contract(tmp_path):
 
 
 def test_bench_dispatches_by_name():
-    assert {"toy", "toy-family"} <= set(bench.available())
+    assert {"toy", "toy-family", "toy-family-r2"} <= set(bench.available())
     assert bench.main(["no-such-bench"]) == 2
+
+
+def test_round_two_keeps_round_one_and_its_rule_punishes_drift_on_one_problem():
+    from bench.toy_family_r2 import FIRST_ROUND_CONFIGS, minimax_choice, round_two_configs
+
+    for m in METHODS:  # the first round's configurations come first, unchanged: its runs are reused
+        assert round_two_configs(m)[:FIRST_ROUND_CONFIGS] == search_configs(m, FIRST_ROUND_CONFIGS)
+    w2, d2 = round_two_configs("w2svd"), round_two_configs("dmd2")
+    assert len(w2) == len(d2) == len(round_two_configs("lcm")) == 12
+    for w, d in zip(w2[FIRST_ROUND_CONFIGS:], d2[FIRST_ROUND_CONFIGS:]):
+        assert {k: v for k, v in w.items() if k not in ("lora_rank", "alpha_weak")} == d
+    # Config 0: best mean, but 3x its Euler reference on one problem; config 1 steady: minimax takes 1.
+    euler = {("a", 4): 2.0, ("b", 4): 2.0, ("c", 4): 4.0}
+    rows = [{"config": 0, "problem": p, "steps": 4, "val_fd": v} for p, v in (("a", 1.0), ("b", 1.0), ("c", 12.0))]
+    rows += [{"config": 1, "problem": p, "steps": 4, "val_fd": v} for p, v in (("a", 2.2), ("b", 2.2), ("c", 4.4))]
+    mean_log = {i: sum(math.log(r["val_fd"]) for r in rows if r["config"] == i) for i in (0, 1)}
+    assert mean_log[0] < mean_log[1]  # the first round's rule would pick config 0
+    pick, scored = minimax_choice(rows, euler, 2)
+    assert pick == 1
+    assert math.isclose(scored[0]["worst_log_vs_euler"], math.log(3.0))
