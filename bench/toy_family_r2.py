@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 
 from bench._toy_runner import Run
-from bench.toy_family import FAMILY_SETTINGS, METHODS, STEPS, Study, plot_family, replay_guard, search_configs, summarize
+from bench.toy_family import (
+    FAMILY_SETTINGS,
+    METHODS,
+    STEPS,
+    Study,
+    plot_family,
+    replay_guard,
+    search_configs,
+    summarize,
+)
 from w2svd.toy.problems import TEST, TUNING
 
 CONFIGS = 12

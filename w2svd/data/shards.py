@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: pre-encode's decode and write
-    import torch   # tasks use this module, and a torch import costs each new worker ~1.5 s
+    import torch  # tasks use this module, and a torch import costs each new worker ~1.5 s
 
 SHARDS_DIR = "shards"
 QUARANTINE_DIR = "quarantine"
