@@ -17,7 +17,7 @@ from w2svd.baselines import flow_matching_step
 from w2svd.export import sampler_settings_for, save_generator_export
 from w2svd.models.hunyuan import build_backbone
 from w2svd.roles import View, adapter_parameters, add_lora
-from w2svd.schedule import sample_logit_normal_sigmas
+from w2svd.schedule import sample_training_sigmas
 
 ADAPTER = "finetune"
 
@@ -42,13 +42,14 @@ def train_loop_per_worker(config: dict) -> None:
     settings = sampler_settings_for(cfg, role="teacher")
     validation_samples = s.previews_of(model_view, settings)
 
+    shift = m.shift if o.finetune_sigma_shift is None else o.finetune_sigma_shift
     batches = s.batches()
     while s.step < s.total_steps:
         batch = next(batches)
         x = batch.x
         metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
         with s.timed(metrics):
-            sigma = sample_logit_normal_sigmas(x.shape[0], generator=s.rng, device=x.device)
+            sigma = sample_training_sigmas(x.shape[0], shift, generator=s.rng, device=x.device)
             metrics |= flow_matching_step(model_view, x, batch.cond, sigma, backward=model.backward,
                                           uncond_prob=o.finetune_uncond_prob, generator=s.rng)
             if not s.healthy_before_update(metrics):

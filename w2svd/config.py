@@ -194,6 +194,11 @@ class OptimConfig:
     finetune_lr: float = 1e-5
     # Fine-tune only: the conditions dropped so the teacher also learns the unconditional score (CFG).
     finetune_uncond_prob: float = 0.1
+    # Fine-tune only: the shift applied to the logit-normal training sigmas (null: method.shift, the
+    # shift the teacher is sampled with). Unshifted, sigmas above 0.95 are 0.2 % of the draws, and
+    # a sampler starting at sigma 1 begins where the teacher never learned (docs/benchmarks.md,
+    # "Portrait world").
+    finetune_sigma_shift: float | None = None
 
 
 @dataclass

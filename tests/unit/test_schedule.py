@@ -68,3 +68,13 @@ def test_timestep_sampling_ranges_and_logit_normal_density():
 def test_expand_like_rejects_mismatched_batch():
     with pytest.raises(AssertionError):
         S.expand_like(torch.zeros(3), torch.zeros(2, 4))
+
+
+def test_training_sigmas_are_the_logit_normal_moved_by_the_sampler_shift():
+    s_plain = S.sample_logit_normal_sigmas(20000, generator=torch.Generator().manual_seed(3))
+    s3 = S.sample_training_sigmas(20000, 3.0, generator=torch.Generator().manual_seed(3))
+    # Same draws, each moved by the shift formula written out: 3s / (1 + 2s).
+    torch.testing.assert_close(s3, 3 * s_plain / (1 + 2 * s_plain))
+    torch.testing.assert_close(S.sample_training_sigmas(20000, 1.0, generator=torch.Generator().manual_seed(3)), s_plain)
+    # Unshifted, the sigmas a sampler starts from are almost never trained; shift 3 covers them.
+    assert (s_plain > 0.95).float().mean() < 0.005 < 0.02 < (s3 > 0.95).float().mean() < 0.05
