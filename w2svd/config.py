@@ -90,7 +90,7 @@ class ModelConfig:
 class MethodConfig:
     name: Literal["w2svd", "dmd2", "lcm", "euler"] = "w2svd"
     student_steps: int = 4
-    alpha_weak: float = 0.25
+    alpha_weak: float = 0.1
     alpha_strong: float = 1.0
     # "full": the generator is a trainable copy of the teacher; "lora": an adapter on the shared base.
     generator: Literal["full", "lora"] = "full"
@@ -98,12 +98,13 @@ class MethodConfig:
     lora_alpha: float = 64.0
     generator_lora_rank: int = 64
     lora_targets: str = HUNYUAN_LORA_TARGETS
-    # The recipe chosen by the toy family study (docs/benchmarks.md, "Toy family"): critic-to-
-    # generator ratio 2, 250 critic-only iterations first, generator EMA 0.9, GAN weight 0.03,
-    # backward simulation, no reg term, cosine generator rate (optim.generator_lr_schedule).
-    gen_update_every: int = 2
+    # The 4-step recipe chosen by the toy family study's second round (docs/benchmarks.md, "Toy
+    # family"): critic-to-generator ratio 5, no critic warm-up, generator EMA 0.99, GAN weight
+    # 0.005, backward simulation, the data-forcing reg term at 0.25, α_weak 0.1, cosine generator
+    # rate (optim.generator_lr_schedule).
+    gen_update_every: int = 5
     # Critic-only iterations before the first generator update (w2svd.iteration.Cadence).
-    critic_warmup: int = 250
+    critic_warmup: int = 0
     sigma_min: float = 0.02
     sigma_max: float = 0.98
     shift: float = 7.0
@@ -113,14 +114,14 @@ class MethodConfig:
     # Guidance scale of the fake score and of the generator; 1.0 is "no guidance".
     fake_guidance_scale: float = 1.0
     lambda_dmd: float = 1.0
-    lambda_reg: float = 0.0
-    lambda_gan_gen: float = 0.03
+    lambda_reg: float = 0.25
+    lambda_gan_gen: float = 0.005
     lambda_gan_disc: float = 1e-2
     backward_simulation: bool = True
     # The reg term's target: "paper" (x_gt) or "data_forcing" (the real score's x0 on noised x_gt).
-    reg_target: Literal["paper", "data_forcing"] = "paper"
+    reg_target: Literal["paper", "data_forcing"] = "data_forcing"
     sampler: Literal["renoise", "euler"] = "renoise"
-    generator_ema: float = 0.9
+    generator_ema: float = 0.99
     # LCM: the teacher grid that consistency pairs are drawn from, and the target EMA.
     lcm_teacher_steps: int = 28
     lcm_target_ema: float = 0.95
