@@ -20,6 +20,7 @@ amendment below is written from them, before any run of this round, into
   to the lower index. A recipe that drifts on one tuning problem loses.
 
 The guard is the first round's (``DIR/selection.json``); it watches every DMD-family test run.
+α_weak is swept (0 / 0.1 / 0.25 / 0.5) under the W2SVD recipe at ``--alpha-steps`` (default 4).
 The test problems, seeds and reported sample set are the first round's. Writes
 ``DIR/selection-r2.json``, ``DIR/family-r2.json``, ``DIR/summary-r2.md``, ``DIR/curves_test-r2.png``.
 """
@@ -40,6 +41,7 @@ import torch
 
 from bench._toy_runner import Run
 from bench.toy_family import (
+    ALPHAS,
     FAMILY_SETTINGS,
     METHODS,
     STEPS,
@@ -134,6 +136,18 @@ class RoundTwo(Study):
                 entries.append({**entry, "row": {**entry["row"], "variant": RECIPE, "reused_from_round_1": same}})
         return entries
 
+    def alpha_runs(self, chosen: dict, guard: dict) -> list[dict]:
+        """α_weak swept under the W2SVD recipe of each of ``self.alpha_steps`` (its own α is the recipe run)."""
+        entries = []
+        for steps in self.alpha_steps:
+            pick = chosen[f"w2svd-{steps}"]
+            for problem, seed in itertools.product(self.test, self.seeds):
+                for alpha in ALPHAS:
+                    if alpha != pick["settings"].get("alpha_weak", self.settings.alpha_weak):
+                        run = Run("w2svd", steps, f"{RECIPE}-alpha{alpha:g}", {**pick["settings"], "alpha_weak": alpha})
+                        entries.append(self.run(problem, seed, run, pick["config"], guard))
+        return entries
+
     def main(self) -> dict:
         t0 = time.perf_counter()
         protocol = self.write_protocol()
@@ -144,15 +158,16 @@ class RoundTwo(Study):
             {"recipes": chosen, "tuning_scores": scores, "guard": guard, "chosen_at": time.strftime("%Y-%m-%d %H:%M:%S")},
             indent=2))
         test = self.test_runs(chosen, guard)
+        alpha = self.alpha_runs(chosen, guard)
         rows = [dict(r) for e in self.cache.values() if "rows" in e for r in e["rows"]]
-        for e in test:
+        for e in test + alpha:
             r = dict(e["row"])
             if r["method"] != "lcm" and r["guard_fired_at"] is None:
                 r["guard_fired_at"] = replay_guard(e["trace"], guard)  # a cached run that ran unguarded
             rows.append(r)
         rows.sort(key=lambda r: (r["split"] != "test", r["problem"], r["seed"], r["method"], r["steps"], r["variant"]))
         (self.out / "family-r2.json").write_text(json.dumps(rows, indent=1))
-        summary = summarize(rows, guard, [], chosen, recipe=RECIPE)
+        summary = summarize(rows, guard, [], chosen, recipe=RECIPE) + alpha_lines(rows, chosen)
         (self.out / "summary-r2.md").write_text(summary)
         plot_family(rows, test, self.out, recipe=RECIPE, name="curves_test-r2.png")
         self.log(summary)
@@ -160,18 +175,39 @@ class RoundTwo(Study):
         return {"rows": rows, "chosen": chosen}
 
 
+def alpha_lines(rows: list[dict], chosen: dict) -> str:
+    """The α_weak sweep under the recipes: final Fréchet, mean ± sd over test problems × seeds."""
+    out = ["", "## α_weak sweep under the second-round W2SVD recipes", ""]
+    for steps in STEPS:
+        own = chosen[f"w2svd-{steps}"]["settings"].get("alpha_weak")
+        cells = []
+        for alpha in ALPHAS:
+            variant = RECIPE if alpha == own else f"{RECIPE}-alpha{alpha:g}"
+            vals = [r["fd"] for r in rows if r["split"] == "test" and r["method"] == "w2svd" and r["steps"] == steps
+                    and r["variant"] == variant]
+            if vals:
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"α {alpha:g}{' (recipe)' if alpha == own else ''}: {statistics.fmean(vals):.3f} ± {sd:.3f}"
+                             f" (n={len(vals)})")
+        if len(cells) > 1:
+            out.append(f"- {steps} step(s): " + "; ".join(cells))
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="w2svd bench toy-family-r2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="the first round's folder (protocol.json, runs.jsonl)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="test seeds")
+    parser.add_argument("--alpha-steps", type=int, nargs="*", default=[4],
+                        help="student steps of the α_weak sweep under the recipe (none: skip it)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if not (args.out / "protocol.json").exists() or not (args.out / "selection.json").exists():
         parser.error(f"{args.out} holds no finished first round (protocol.json, selection.json): run "
                      "`w2svd bench toy-family --out DIR` first")
     torch.set_num_threads(args.threads)
-    RoundTwo(args.out, FAMILY_SETTINGS, CONFIGS, args.seeds, TUNING, TEST, ()).main()
+    RoundTwo(args.out, FAMILY_SETTINGS, CONFIGS, args.seeds, TUNING, TEST, tuple(args.alpha_steps)).main()
     return 0
 
 
