@@ -31,7 +31,7 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     """DeepSpeed's config from the typed one: ZeRO stage, precision (fp32 on CPU), clipping, and
     whether checkpoints load in universal form (a resume on another number of workers)."""
     p = cfg.parallel
-    # Stated, not left to DeepSpeed's default: w2svd/memory.py plans with the same bucket.
+    # Stated, not left to DeepSpeed's default: w2svd/memory/ plans with the same bucket.
     zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}
     if p.zero_stage == 3:
         # Reuse distance 0: a gathered parameter is released as soon as its module has run.

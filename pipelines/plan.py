@@ -8,7 +8,7 @@ DMD2) it prints, per GPU: weights, gradients, optimizer state (fp32 master + Ada
 EMA (``method.generator_ema``), DeepSpeed's reduce buckets, the activations of one critic and one
 generator step for the configured bucket with and without gradient checkpointing, the peak,
 whether it fits, the largest batch per GPU that fits, and the smallest number of such GPUs on
-which the run fits. The memory model is ``w2svd/memory.py``, checked against measurements by
+which the run fits. The memory model is ``w2svd/memory/``, checked against measurements by
 ``w2svd bench memory``.
 """
 

@@ -1,4 +1,4 @@
-"""The memory planner (w2svd/memory.py) agrees with a fresh measurement at the smallest size.
+"""The memory planner (w2svd/memory/) agrees with a fresh measurement at the smallest size.
 
 `bench/memory.py` builds the real DeepSpeed engines of each method (one gloo worker, ZeRO-2,
 and ZeRO-3 where the method allows it), reads the bytes they hold and the activation peaks of
