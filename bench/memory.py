@@ -22,7 +22,7 @@ Adam moments, and then the bytes each worker holds are read from the engines and
   would report as allocated, on CPU. Storages that outlive the step are gradients and buckets,
   counted above.
 
-``--probes`` adds the activation probe grid that ``w2svd/memory.py``'s coefficients are fitted
+``--probes`` adds the activation probe grid that ``w2svd/memory/activations.py``'s coefficients are fitted
 to (single process, no DeepSpeed), and ``--fit`` prints the fitted coefficients. Every result
 is compared with the planner (``w2svd.memory``); ``DIR/memory.json`` holds the raw numbers and
 ``DIR/memory.md`` the tables of docs/benchmarks.md.
@@ -437,7 +437,7 @@ def fit_joint(probes: list[dict], cells: list[dict], probe_weight: float = 0.1) 
     import numpy as np
     from scipy.optimize import linprog
 
-    e, n_act, n_ds = 4, len(memory.FEATURES), 1 + len(memory.GATHER_FEATURES)
+    n_act, n_ds = len(memory.FEATURES), 1 + len(memory.GATHER_FEATURES)
     out = {}
     for method in sorted({c["method"] for c in cells if "refused" not in c}):
         for step, ck in itertools.product(("critic", "generator"), (False, True)):
@@ -450,6 +450,7 @@ def fit_joint(probes: list[dict], cells: list[dict], probe_weight: float = 0.1) 
                 if "refused" in c or c["method"] != method:
                     continue
                 cfg = cell_config(c["size"], method, c["zero"], c["workers"])
+                e = memory.weight_bytes(cfg)  # the cells run in fp32; read, not assumed
                 eng = memory.layout(memory.inventory(cfg), method).engines[0 if step == "critic" else 1]
                 gathered = c["zero"] == 3 and c["workers"] > 1
                 g = [v * e for v in memory.gather_features(eng)] if gathered else [0.0] * (n_ds - 1)

@@ -121,13 +121,23 @@ def drift_event(curve: list[dict], rise: float = DRIFT_RISE) -> int | None:
     return None
 
 
+def replay_guard_kept(trace: list[dict], params: dict) -> tuple[int | None, int | None]:
+    """``(fired_at, kept_at)`` of a ``DriftGuard(**params)`` replayed on a recorded trace: when it
+    first fires (generator updates) and the check of its best state by the signal at that moment
+    (``(None, None)`` if it never fires)."""
+    guard, kept = DriftGuard(**params), None
+    for point in trace:
+        decision = guard.decide(point["gen_updates"], point[guard.kind])
+        if decision.is_best:
+            kept = point["gen_updates"]
+        if decision.action != "ok":
+            return point["gen_updates"], kept
+    return None, None
+
+
 def replay_guard(trace: list[dict], params: dict) -> int | None:
     """When a ``DriftGuard(**params)`` would first fire on a recorded trace (generator updates)."""
-    guard = DriftGuard(**params)
-    for point in trace:
-        if guard.decide(point["gen_updates"], point[guard.kind]).action != "ok":
-            return point["gen_updates"]
-    return None
+    return replay_guard_kept(trace, params)[0]
 
 
 def guard_outcome(event: int | None, fired: int | None) -> str:
@@ -309,15 +319,19 @@ class Study:
                 g = guard if method != "lcm" else None
                 entries.append(self.run(problem, seed, Run(method, steps, "recipe", pick["settings"]),
                                         pick["config"], g))
+        return entries + self.alpha_runs(chosen, guard)
+
+    def alpha_runs(self, chosen: dict, guard: dict, recipe: str = "recipe") -> list[dict]:
+        """α_weak swept under the W2SVD recipe at each of ``self.alpha_steps`` (its own α is the recipe run)."""
+        entries = []
         for steps in self.alpha_steps:
             pick = chosen[f"w2svd-{steps}"]
+            own = own_alpha(chosen, steps, self.settings.alpha_weak)
             for problem, seed in itertools.product(self.test, self.seeds):
                 for alpha in ALPHAS:
-                    if alpha == self.settings.alpha_weak:
-                        continue  # the recipe run above
-                    overrides = {**pick["settings"], "alpha_weak": alpha}
-                    entries.append(self.run(problem, seed, Run("w2svd", steps, f"alpha{alpha:g}", overrides),
-                                            pick["config"], guard))
+                    if alpha != own:
+                        run = Run("w2svd", steps, alpha_variant(recipe, alpha), {**pick["settings"], "alpha_weak": alpha})
+                        entries.append(self.run(problem, seed, run, pick["config"], guard))
         return entries
 
     def main(self) -> dict:
@@ -365,6 +379,31 @@ class Study:
 
 # ---------------------------------------------------------------------------------------------
 # Reading the results
+
+
+def own_alpha(chosen: dict, steps: int, default: float) -> float:
+    """The α_weak of the chosen W2SVD recipe at ``steps`` (the study's fixed α when it is not a knob)."""
+    return chosen[f"w2svd-{steps}"]["settings"].get("alpha_weak", default)
+
+
+def alpha_variant(recipe: str, alpha: float) -> str:
+    """The variant name of an α-sweep run under ``recipe`` (the first round's keep their old names)."""
+    return f"alpha{alpha:g}" if recipe == "recipe" else f"{recipe}-alpha{alpha:g}"
+
+
+def alpha_section(test: list[dict], chosen: dict, recipe: str) -> list[str]:
+    """The α_weak sweep under the W2SVD recipes: final Fréchet, mean ± sd over test problems × seeds."""
+    out = ["", f"## α_weak sweep (W2SVD, recipe {recipe!r}): final Fréchet, mean ± sd over problems × seeds", ""]
+    for steps in STEPS:
+        own, cells = own_alpha(chosen, steps, FAMILY_SETTINGS.alpha_weak), []
+        for alpha in ALPHAS:
+            variant = recipe if alpha == own else alpha_variant(recipe, alpha)
+            vals = [r["fd"] for r in test if r["method"] == "w2svd" and r["steps"] == steps and r["variant"] == variant]
+            if vals:
+                cells.append(f"α {alpha:g}{' (recipe)' if alpha == own else ''}: {_ms(vals)} (n={len(vals)})")
+        if len(cells) > 1:
+            out.append(f"- {steps} step(s): " + "; ".join(cells))
+    return out
 
 
 def _ms(values: list[float]) -> str:
@@ -419,16 +458,7 @@ def summarize(rows: list[dict], guard: dict, guard_table: list[dict], chosen: di
             out.append(f"- {steps} step(s): W2SVD lower in {wins} of {len(ratios)} (problem, seed) pairs; geometric "
                        f"mean ratio {math.exp(statistics.fmean(math.log(x) for x in ratios)):.3f}, "
                        f"range {min(ratios):.2f}–{max(ratios):.2f}")
-    out += ["", "## α_weak sweep (W2SVD, chosen recipe): final Fréchet, mean ± sd over problems × seeds", ""]
-    for steps in STEPS:
-        cells = []
-        for alpha in ALPHAS:
-            variant = "recipe" if alpha == 0.25 else f"alpha{alpha:g}"
-            vals = [r["fd"] for r in test if r["method"] == "w2svd" and r["steps"] == steps and r["variant"] == variant]
-            if vals:
-                cells.append(f"α {alpha:g}: {_ms(vals)} (n={len(vals)})")
-        if len(cells) > 1:
-            out.append(f"- {steps} step(s): " + "; ".join(cells))
+    out += alpha_section(test, chosen, recipe)
     out += ["", f"## Drift guard (chosen on tuning runs: {guard})", ""]
     for split in ("tuning", "test"):
         rs = [r for r in rows if r["split"] == split and r.get("guard_outcome")]

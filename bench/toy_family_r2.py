@@ -99,7 +99,8 @@ class RoundTwo(Study):
                     "spaces": {**first["spaces"], "w2svd only (new draws)": {"alpha_weak": ALPHA_SPACE}},
                     "selection_rule": SELECTION_RULE_R2,
                     "guard": {"from": "selection.json (first round)"},
-                    "test": {"seeds": self.seeds, "alpha_weak_sweep": [], "variant": RECIPE}}
+                    "test": {"seeds": self.seeds, "alpha_weak_sweep": list(ALPHAS),
+                             "alpha_sweep_steps": list(self.alpha_steps), "variant": RECIPE}}
         for m in METHODS:  # the reuse of the first round's runs relies on this
             assert protocol["search"][m][:FIRST_ROUND_CONFIGS] == first["search"][m], m
         path.write_text(json.dumps(protocol, indent=2))
@@ -136,18 +137,6 @@ class RoundTwo(Study):
                 entries.append({**entry, "row": {**entry["row"], "variant": RECIPE, "reused_from_round_1": same}})
         return entries
 
-    def alpha_runs(self, chosen: dict, guard: dict) -> list[dict]:
-        """α_weak swept under the W2SVD recipe of each of ``self.alpha_steps`` (its own α is the recipe run)."""
-        entries = []
-        for steps in self.alpha_steps:
-            pick = chosen[f"w2svd-{steps}"]
-            for problem, seed in itertools.product(self.test, self.seeds):
-                for alpha in ALPHAS:
-                    if alpha != pick["settings"].get("alpha_weak", self.settings.alpha_weak):
-                        run = Run("w2svd", steps, f"{RECIPE}-alpha{alpha:g}", {**pick["settings"], "alpha_weak": alpha})
-                        entries.append(self.run(problem, seed, run, pick["config"], guard))
-        return entries
-
     def main(self) -> dict:
         t0 = time.perf_counter()
         protocol = self.write_protocol()
@@ -158,7 +147,7 @@ class RoundTwo(Study):
             {"recipes": chosen, "tuning_scores": scores, "guard": guard, "chosen_at": time.strftime("%Y-%m-%d %H:%M:%S")},
             indent=2))
         test = self.test_runs(chosen, guard)
-        alpha = self.alpha_runs(chosen, guard)
+        alpha = self.alpha_runs(chosen, guard, RECIPE)
         rows = [dict(r) for e in self.cache.values() if "rows" in e for r in e["rows"]]
         for e in test + alpha:
             r = dict(e["row"])
@@ -167,31 +156,12 @@ class RoundTwo(Study):
             rows.append(r)
         rows.sort(key=lambda r: (r["split"] != "test", r["problem"], r["seed"], r["method"], r["steps"], r["variant"]))
         (self.out / "family-r2.json").write_text(json.dumps(rows, indent=1))
-        summary = summarize(rows, guard, [], chosen, recipe=RECIPE) + alpha_lines(rows, chosen)
+        summary = summarize(rows, guard, [], chosen, recipe=RECIPE)
         (self.out / "summary-r2.md").write_text(summary)
         plot_family(rows, test, self.out, recipe=RECIPE, name="curves_test-r2.png")
         self.log(summary)
         self.log(f"round 2 done in {time.perf_counter() - t0:.0f} s")
         return {"rows": rows, "chosen": chosen}
-
-
-def alpha_lines(rows: list[dict], chosen: dict) -> str:
-    """The α_weak sweep under the recipes: final Fréchet, mean ± sd over test problems × seeds."""
-    out = ["", "## α_weak sweep under the second-round W2SVD recipes", ""]
-    for steps in STEPS:
-        own = chosen[f"w2svd-{steps}"]["settings"].get("alpha_weak")
-        cells = []
-        for alpha in ALPHAS:
-            variant = RECIPE if alpha == own else f"{RECIPE}-alpha{alpha:g}"
-            vals = [r["fd"] for r in rows if r["split"] == "test" and r["method"] == "w2svd" and r["steps"] == steps
-                    and r["variant"] == variant]
-            if vals:
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"α {alpha:g}{' (recipe)' if alpha == own else ''}: {statistics.fmean(vals):.3f} ± {sd:.3f}"
-                             f" (n={len(vals)})")
-        if len(cells) > 1:
-            out.append(f"- {steps} step(s): " + "; ".join(cells))
-    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
