@@ -57,6 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
             return sample_latents(roles.generator, settings, batch.cond, noise, generator)
 
     batches = s.batches()
+    export_ready = True  # the loop ran out of steps, or a drift stop left the best state loaded
     while s.step < s.total_steps:
         batch = next(batches)
         metrics = {"data/std": batch.x.std().item()}
@@ -68,12 +69,15 @@ def train_loop_per_worker(config: dict) -> None:
             out = train_iteration(s.step, roles, batch.x, batch.cond, st, cadence, critic, generator, rng=s.rng,
                                   shared_rng=shared, ema=ema, lr_scale=s.guards.lr_scale, check=s.healthy_before_update)
         if out.stopped:
+            export_ready = False
             break
         metrics |= out.metrics
         s.guards.observe(s.step, out.metrics, batch.x, batch.cond.pooled, lambda g, b=batch: guard_samples(b, g))
         if not s.after_step(metrics, out.grad_norms, trained, sample=validation_samples, ema=ema):
+            # A drift stop ends with the best state by the guard's signal; a health stop exports nothing.
+            export_ready = s.restore_best_by_drift(trained, ema=ema)
             break
-    else:
+    if export_ready:
         with exported():
             s.export(lambda folder: save_generator_export(roles.base if shares_base else roles.generator.backbone,
                                                           folder, settings, cfg,

@@ -12,7 +12,8 @@ so every rank takes the same decision without another collective:
 A rollback is recorded in ``RUN_DIR/health.json`` and raised on every rank
 (``RollbackRequested``): Ray Train restarts the worker group, which resumes from the newest
 checkpoint written in band at the lowered rate. A stop is recorded there too and ends the loop
-cleanly; the driver then names the checkpoint with the best drift signal.
+cleanly; after a drift stop the loop loads the checkpoint with the best drift signal and exports
+it (``WorkerSession.restore_best_by_drift``), and the driver names that checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Guards:
             self.drift.load_state_dict(self._recorded_drift)
         self.in_band = True
         self._drift_in_band = True
+        # "health" or "drift" once a guard has stopped the run: a drift stop exports the best state.
+        self.stopped_by: str | None = None
 
     @property
     def lr_scale(self) -> float:
@@ -107,7 +110,7 @@ class Guards:
     def _record(self, decision, source: str) -> None:
         state = {**self.health.state_dict(), "lr_scale": self.lr_scale, "drift": self.drift.state_dict()}
         if decision.action == "stop":
-            state["stopped"] = decision.reason
+            state["stopped"], state["stopped_by"] = decision.reason, source
         if self.rank == 0:
             print(f"[w2svd] {source}: {decision.reason}", file=sys.stderr, flush=True)
             storage.write_json(storage.join(self.run_dir, HEALTH_FILE), state, self.options)
@@ -118,6 +121,7 @@ class Guards:
         self._record(decision, source)
         if decision.action == "rollback":
             raise RollbackRequested(decision.reason)
+        self.stopped_by = source
         return False
 
     # -- what the drift guard watches ----------------------------------------------------------

@@ -52,6 +52,10 @@ def main(program: str, train_loop: Callable[[dict], None], argv: list[str] | Non
         result = train(program, train_loop, cfg, args.data, args.run_dir, export_only=args.export_only)
         print(json.dumps(result, indent=2))
         if result.get("status") == "stopped":
+            if result.get("stopped_by") == "drift" and result.get("export"):
+                print(f"{prog}: the drift guard stopped training ({result['reason']}); exported its best state, "
+                      f"{result.get('best_checkpoint')}", file=sys.stderr)
+                return 0
             print(f"{prog}: training stopped by the health check: {result['reason']}", file=sys.stderr)
             return 1
         return 0
@@ -148,13 +152,12 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
         from pipelines.checkpoint import best_by_drift
 
         if health.get("stopped"):
-            result["reason"] = health["stopped"]
+            result["reason"], result["stopped_by"] = health["stopped"], health.get("stopped_by", "health")
         if drift_fired_at is not None:  # also when only logged (health.drift_action = log)
             result["drift_fired_at"] = int(drift_fired_at)
             print(f"[w2svd] warning: the drift guard fired at step {drift_fired_at}; the best state by its "
                   "signal is result.json's best_checkpoint", file=sys.stderr)
-        # The drift guard keeps the best state by its signal: export it with --export-only after
-        # pointing the run at it, or load it directly.
+        # The drift guard keeps the best state by its signal; after a drift stop the export is it.
         result["best_checkpoint"] = best_by_drift(storage.join(run, TRAIN_NAME), options)
     if run_id:
         result["mlflow_run_id"] = run_id

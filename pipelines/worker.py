@@ -149,12 +149,37 @@ class WorkerSession:
     def restore(self, trained: list[Trained], extra: dict[str, nn.Module] | None = None, ema=None) -> None:
         """Resume from the newest checkpoint written in band, if the run has one: engines
         (checked parameter by parameter), step, RNG, data position, samples and EMA."""
-        import ray.train
-
         if self.resume_uri is None:
             self._apply_lr(trained)
             return
-        uri = self.resume_uri
+        saved = self._load(self.resume_uri, trained, extra, ema)
+        self.guards.load_checkpoint_state(saved.state)
+        self.data_position, self.resumed = saved.state["data_position"], True
+        self._apply_lr(trained)
+        if self.rank == 0:
+            print(f"[w2svd] resumed from {self.resume_uri} at step {self.step} (lr scale {self.guards.lr_scale:g})",
+                  flush=True)
+
+    def restore_best_by_drift(self, trained: list[Trained], extra: dict[str, nn.Module] | None = None,
+                              ema=None) -> bool:
+        """After the drift guard stopped the run: load the checkpoint with the best drift signal
+        (every rank), the state the guard keeps, so that it is what gets exported. False when the
+        stop was not the drift guard's or no checkpoint recorded a signal."""
+        if self.guards.stopped_by != "drift":
+            return False
+        uri = checkpoint.best_by_drift(storage.join(self.run_dir, TRAIN_NAME), self.options)
+        if uri is None:
+            return False
+        self._load(uri, trained, extra, ema)
+        if self.rank == 0:
+            print(f"[w2svd] drift stop: exporting the best state by the drift signal, {uri} (step {self.step})",
+                  flush=True)
+        return True
+
+    def _load(self, uri: str, trained: list[Trained], extra: dict[str, nn.Module] | None, ema) -> checkpoint.Saved:
+        """Engines, RNG, fixed samples, EMA and step from the checkpoint at ``uri``."""
+        import ray.train
+
         fs, path = storage.filesystem(uri, self.options)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             saved = checkpoint.read(Path(folder), trained, self.rank, self.rng, self.device, extra or {}, self.world)
@@ -163,11 +188,8 @@ class WorkerSession:
                                   saved.samples["bucket"])
         if ema is not None and saved.ema is not None:
             ema.load_shares(saved.ema) if self.reshaped else ema.load_state_dict(saved.ema)
-        self.guards.load_checkpoint_state(saved.state)
-        self.step, self.data_position, self.resumed = saved.state["step"], saved.state["data_position"], True
-        self._apply_lr(trained)
-        if self.rank == 0:
-            print(f"[w2svd] resumed from {uri} at step {self.step} (lr scale {self.guards.lr_scale:g})", flush=True)
+        self.step = saved.state["step"]
+        return saved
 
     def _apply_lr(self, trained: list[Trained]) -> None:
         for t in trained:

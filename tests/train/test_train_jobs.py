@@ -282,3 +282,26 @@ def test_distill_refuses_euler(tmp_path, capsys):
     assert distill.main(["--config", "debug", "--data", str(tmp_path), "--run-dir", str(tmp_path),
                          "method.name=euler"]) == 2
     assert "nothing to train" in capsys.readouterr().err
+
+
+def test_a_drift_stop_exports_the_best_state_by_the_signal(services, tmp_path, capsys):
+    """A guard set to fire at the first rise of the critic's loss (checked every step, no band):
+    the run stops, loads the checkpoint with the lowest signal and exports it; the command exits 0."""
+    run_dir = tmp_path / "drift-stop"
+    args = ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
+            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=12", "optim.checkpoint_every=2",
+            "health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_warmup=0",
+            "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_rise=0"]
+    assert distill.main(args) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "stopped" and result["stopped_by"] == "drift" and "drift" in result["reason"]
+    fired = result["drift_fired_at"]
+    kept = Path(result["best_checkpoint"])
+    signals = {int(p.name.removeprefix("checkpoint_step")): json.loads((p / "state.json").read_text())["drift_signal"]
+               for p in kept.parent.glob("checkpoint_step*")}
+    assert int(kept.name.removeprefix("checkpoint_step")) == min(signals, key=signals.get) < fired
+    # The export is the kept state (result.json's steps), not the state at the stop.
+    assert result["steps"] == int(kept.name.removeprefix("checkpoint_step"))
+    backbone, _ = load_generator(run_dir / "export")
+    assert all(torch.isfinite(p).all() for p in backbone.parameters())
+    assert "exported its best state" in capsys.readouterr().err
