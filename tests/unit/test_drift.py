@@ -107,4 +107,9 @@ def test_a_logging_guard_records_the_fire_and_changes_nothing():
     decisions = _run(guard, [1.0, 2.0, 2.0, 2.0])
     assert all(d.action == "ok" for d in decisions) and guard.fired_at == 2
     assert "logged only" in decisions[2].reason and decisions[2].lr_scale == 1.0
-    assert DriftGuard.from_config(load_config("debug").health).action == "log"
+    assert DriftGuard.from_config(load_config("debug", ["health.drift_action=log"]).health).action == "log"
+
+
+def test_the_default_guard_is_the_third_rounds_and_it_acts():
+    default = DriftGuard.from_config(load_config("debug").health)
+    assert (default.kind, default.action, default.rise, default.patience) == ("proj_gap", "stop", 0.1, 8)

@@ -93,7 +93,7 @@ def test_fast_family_study_writes_the_contract(tmp_path):
 
 
 def test_bench_dispatches_by_name():
-    assert {"toy", "toy-family", "toy-family-r2"} <= set(bench.available())
+    assert {"toy", "toy-family", "toy-family-r2", "toy-family-guard"} <= set(bench.available())
     assert bench.main(["no-such-bench"]) == 2
 
 
@@ -115,3 +115,30 @@ def test_round_two_keeps_round_one_and_its_rule_punishes_drift_on_one_problem():
     pick, scored = minimax_choice(rows, euler, 2)
     assert pick == 1
     assert math.isclose(scored[0]["worst_log_vs_euler"], math.log(3.0))
+
+
+def test_the_third_round_guard_scores_the_state_a_run_ends_with():
+    from bench.toy_family_guard import GUARD_GRID, choose, end_fd, score
+
+    # Fréchet improves to 1.0 at 20 updates, then drifts to 3.0; proj_gap tracks it, disc_acc is flat.
+    curve = [{"gen_updates": u, "fd": fd} for u, fd in [(0, 4.0), (10, 2.0), (20, 1.0), (30, 2.0), (40, 3.0)]]
+    gaps = [0.8, 0.6, 0.5, 0.4, 0.3, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5]
+    trace = [{"gen_updates": 5 * (i + 1), "proj_gap": v, "disc_acc": 0.5, "score_gap": 1.0, "critic_loss": 1.0}
+             for i, v in enumerate(gaps[:8])]
+    drifting = {"curve": curve, "trace": trace}
+    params = {"signal": "proj_gap", "smoothing": 0.0, "rise": 0.25, "patience": 1, "warmup": 0, "action": "stop"}
+    # Best signal at 25 updates (0.3, first of the tie); fires at 35 (0.7 > 0.375): the state kept
+    # is scored at the curve point at or before 25, i.e. 20 (fd 1.0) instead of the final 3.0.
+    assert end_fd(drifting, params) == (1.0, 35)
+    flat = {**params, "signal": "disc_acc"}
+    assert end_fd(drifting, flat) == (3.0, None)
+    s = score([drifting], params)
+    assert s["mean_log_end_vs_best"] == 0.0 and s["late"] == 1 and s["false_rate"] == 0.0  # event at 30
+    # A steady run whose noisy signal fires: the rule sees its cost, a false firing.
+    steady = {"curve": [{"gen_updates": u, "fd": fd} for u, fd in [(0, 4.0), (20, 2.0), (40, 1.0)]],
+              "trace": [{**p, "proj_gap": v} for p, v in zip(trace, [0.5, 0.9, 0.5, 0.9, 0.5, 0.9, 0.5, 0.9])]}
+    assert score([steady], params)["false"] == 1
+    guard, table = choose([drifting, steady])
+    assert len(table) == math.prod(len(v) for v in GUARD_GRID.values())
+    best = min(t["mean_log_end_vs_best"] for t in table)
+    assert guard["signal"] == "proj_gap" and score([drifting, steady], guard)["mean_log_end_vs_best"] == best
