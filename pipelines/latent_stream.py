@@ -2,7 +2,7 @@
 
 Every rank iterates the same ordered stream and keeps batches ``rank, rank + world, …``; the
 order is then a function of the step alone, and ``position`` (batches this rank has consumed)
-is all a checkpoint needs to resume it.
+is all a checkpoint needs to resume it, in at most two passes over the data.
 """
 
 from __future__ import annotations
@@ -28,28 +28,31 @@ class LatentStream:
     def __init__(self, shard, batch_size: int, rank: int, world: int, device, position: int = 0):
         self.shard, self.batch_size, self.rank, self.world = shard, batch_size, rank, world
         self.device = device
-        self.position = 0
+        self.position = position  # batches of this rank consumed (a checkpoint's data position)
         # The first batch read (fixed validation prompts when the checkpoint has none for this rank).
         self.first: Batch | None = None
-        self._it = self._batches()
-        for _ in range(position):  # the data position of the checkpoint
-            next(self._it)
-            self.position += 1
+        self._it = self._batches(first=position * world + rank)
 
-    def _batches(self):
+    def _batches(self, first: int):
+        """This rank's batches, from global batch ``first`` on. Every pass over the shard yields
+        the same batches in the same order, so whole passes before ``first`` are counted, not
+        read: a resume reads at most two passes, not every batch the run ever consumed."""
         from pipelines.reader import iter_latent_batches
 
-        index = 0
+        index, period = 0, None  # global batches so far; batches per pass, known after one pass
         while True:
+            if period is not None and first - index >= period:
+                index += (first - index) // period * period
             produced = 0
             for batch in iter_latent_batches(self.shard, self.batch_size, drop_last=True):
                 produced += 1
                 index += 1
-                if (index - 1) % self.world == self.rank:
+                if index - 1 >= first and (index - 1) % self.world == self.rank:
                     yield batch
             if produced == 0:
                 raise ValueError(f"the data holds fewer than optim.batch_size = {self.batch_size} clips in "
                                  "every bucket; lower optim.batch_size or encode more clips")
+            period = produced
 
     def __iter__(self) -> Iterator[Batch]:
         return self
