@@ -59,8 +59,18 @@ def test_portrait_text_encoders_tell_every_factor_apart():
     for i in range(1, len(variants)):
         assert (t[i] - t[0]).norm() > 0.05 * t[0].norm(), variants[i]
         assert (p[i] - p[0]).norm() > 0.02 * p[0].norm(), variants[i]
-    again = TextEncoders(cfg).encode(variants[:1])
-    assert torch.equal(again[0], t[:1]) and torch.equal(again[2], p[:1])  # deterministic across builds
+    again = TextEncoders(cfg).encode(variants)
+    assert torch.equal(again[0], t) and torch.equal(again[2], p)  # deterministic across builds
+
+
+def test_portrait_pooled_vector_is_a_projection_of_the_word_counts():
+    text = TextEncoders(load_config("portrait"))
+    p = text.encode(["red hair", "hair, red", "red", "hair", "red red hair"])[2].double()
+    # Order and punctuation do not matter; counts_BV · R_VP / sqrt(n_B), by hand from two words.
+    assert torch.allclose(p[0], p[1])
+    assert torch.allclose(p[0] * math.sqrt(2), p[2] + p[3], atol=1e-5)
+    assert torch.allclose(p[4] * math.sqrt(3), 2 * p[2] + p[3], atol=1e-5)
+    assert not torch.allclose(p[2], p[3], atol=0.1)
 
 
 def test_world_uris_and_keys():
