@@ -57,6 +57,15 @@ LIVE_VARIANT = "r2-guard3"
 DMD_FAMILY = ("w2svd", "dmd2")
 
 
+def best_fd(entry: dict) -> float:
+    """The lowest Fréchet on a run's curve (its "best on the curve")."""
+    return min(p["fd"] for p in entry["curve"])
+
+
+def geo_mean(values) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
 def fd_at(curve: list[dict], updates: int) -> float:
     """The Fréchet at the last curve point at or before ``updates`` generator updates."""
     return [p["fd"] for p in curve if p["gen_updates"] <= updates][-1]
@@ -75,7 +84,7 @@ def score(entries: list[dict], params: dict) -> dict:
     for e in entries:
         end, fired = end_fd(e, params)
         counts[guard_outcome(drift_event(e["curve"]), fired)] += 1
-        logs.append(math.log(end / min(p["fd"] for p in e["curve"])))
+        logs.append(math.log(end / best_fd(e)))
     steady = counts["false"] + counts["quiet"]
     return {"mean_log_end_vs_best": statistics.fmean(logs), "false_rate": counts["false"] / max(steady, 1), **counts}
 
@@ -103,7 +112,7 @@ def early_tradeoff(table: list[dict], caps: tuple[float, ...] = (0.1, 0.2, 0.3))
 
 
 def no_guard_mean_log(entries: list[dict]) -> float:
-    return statistics.fmean(math.log(e["curve"][-1]["fd"] / min(p["fd"] for p in e["curve"])) for e in entries)
+    return statistics.fmean(math.log(e["curve"][-1]["fd"] / best_fd(e)) for e in entries)
 
 
 class GuardRound(Study):
@@ -194,18 +203,15 @@ def summarize_guard(result: dict) -> str:
                    f"{g['early'] + g['late']} | {g['missed']} |")
     live = result.get("live")
     if live:
-        def gm(vals):
-            return math.exp(statistics.fmean(math.log(v) for v in vals))
-
         ends = [r["fd_guard_kept"] if r["guard_fired_at"] is not None else r["fd"] for r in live]
         fired = [r for r in live if r["guard_fired_at"] is not None]
         false = [r for r in fired if r["event_at"] is None]
         out += ["", f"Live, exact ({len(live)} test runs of the second round's recipes, the guard recording):", "",
-                f"- end / best: {gm([e / r['fd_best_on_curve'] for e, r in zip(ends, live)]):.3f}x with the guard, "
-                f"{gm([r['fd'] / r['fd_best_on_curve'] for r in live]):.3f}x without",
+                f"- end / best: {geo_mean([e / r['fd_best_on_curve'] for e, r in zip(ends, live)]):.3f}x with the guard, "
+                f"{geo_mean([r['fd'] / r['fd_best_on_curve'] for r in live]):.3f}x without",
                 f"- fired on {len(fired)} runs ({len(false)} without a drift event); where it fired, kept / final = "
-                f"{gm([r['fd_guard_kept'] / r['fd'] for r in fired]) if fired else math.nan:.3f}x" +
-                (f"; on the false firings {gm([r['fd_guard_kept'] / r['fd'] for r in false]):.3f}x" if false else ""),
+                f"{geo_mean([r['fd_guard_kept'] / r['fd'] for r in fired]) if fired else math.nan:.3f}x" +
+                (f"; on the false firings {geo_mean([r['fd_guard_kept'] / r['fd'] for r in false]):.3f}x" if false else ""),
                 "- outcomes: " + ", ".join(f"{k} {sum(r['guard_outcome'] == k for r in live)}"
                                           for k in ("early", "late", "missed", "false", "quiet"))]
     return "\n".join(out) + "\n"
@@ -223,7 +229,7 @@ def plot_guard(result: dict, test: list[dict], path: Path) -> None:
     for method, marker in zip(DMD_FAMILY, "os"):
         pts = []
         for e in (e for e in test if e["row"]["method"] == method):
-            best = min(p["fd"] for p in e["curve"])
+            best = best_fd(e)
             pts.append((e["curve"][-1]["fd"] / best, end_fd(e, guard)[0] / best))
         ax.scatter(*zip(*pts), s=10, marker=marker, alpha=0.6, label=method)
     lim = max(ax.get_xlim()[1], ax.get_ylim()[1])
@@ -233,7 +239,7 @@ def plot_guard(result: dict, test: list[dict], path: Path) -> None:
            ylabel="end / best on curve (guard, stop)", title="test runs, offline replay")
     ax.legend(fontsize=8)
     drifting = sorted((e for e in test if drift_event(e["curve"]) is not None),
-                      key=lambda e: -e["curve"][-1]["fd"] / min(p["fd"] for p in e["curve"]))[:4]
+                      key=lambda e: -e["curve"][-1]["fd"] / best_fd(e))[:4]
     for e in drifting:
         xs, ys = [p["gen_updates"] for p in e["curve"]], [p["fd"] for p in e["curve"]]
         line, = ax2.plot(xs, ys, lw=1, label=f"{e['row']['problem']} {e['row']['method']}-{e['row']['steps']} {e['row']['variant']} s{e['row']['seed']}")
