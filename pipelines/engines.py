@@ -86,19 +86,19 @@ class Trained:
 
 
 def make_engine(name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]],
-                cfg: Config, load_universal: bool = False) -> Trained:
+                cfg: Config, load_universal: bool = False, betas: list[float] | None = None) -> Trained:
     """Wrap the parameter groups ``[(params, lr), …]`` of one role in a DeepSpeed engine.
 
     ``modules`` are the modules whose forward uses the parameters: ZeRO-3 partitions them and
     gathers their parameters in their own forward hooks. Only the trained parameters enter the
-    optimizer.
+    optimizer. ``betas``: AdamW's (default ``optim.betas``, the distillation roles' β1 = 0).
     """
     import deepspeed
 
     o = cfg.optim
     groups = [(list(params), lr) for params, lr in groups if params]
     optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups],
-                                  betas=tuple(o.betas), weight_decay=o.weight_decay)
+                                  betas=tuple(o.betas if betas is None else betas), weight_decay=o.weight_decay)
     wrapped = nn.ModuleList(modules)
     # Recorded in every checkpoint; its presence is what lets DeepSpeed convert the checkpoint to
     # universal form (a resume on another number of workers). Empty: no tensor-parallel slicing.

@@ -35,7 +35,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         teacher.requires_grad_(True)
         model_view, params = View(teacher), list(teacher.parameters())
-    model = s.engine("teacher", [teacher], [(params, o.finetune_lr)])
+    model = s.engine("teacher", [teacher], [(params, o.finetune_lr)], betas=o.finetune_betas)
     trained = [model]
     s.count_memory(teacher)
     s.restore(trained)
@@ -49,7 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
         x = batch.x
         metrics, grad_norms = {"data/std": batch.x.std().item()}, {}
         with s.timed(metrics):
-            sigma = sample_training_sigmas(x.shape[0], shift, generator=s.rng, device=x.device)
+            sigma = sample_training_sigmas(x.shape[0], shift, generator=s.rng, device=x.device,
+                                           density=o.finetune_sigma_density)
             metrics |= flow_matching_step(model_view, x, batch.cond, sigma, backward=model.backward,
                                           uncond_prob=o.finetune_uncond_prob, generator=s.rng)
             if not s.healthy_before_update(metrics):

@@ -111,9 +111,10 @@ class WorkerSession:
         """True when resuming from a checkpoint written by another number of workers."""
         return self.resume_state is not None and self.resume_state.get("world_size", self.world) != self.world
 
-    def engine(self, name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]]) -> Trained:
+    def engine(self, name: str, modules: list[nn.Module], groups: list[tuple[list[nn.Parameter], float]],
+               betas: list[float] | None = None) -> Trained:
         """``engines.make_engine`` for this run (loading universal checkpoints when reshaped)."""
-        return make_engine(name, modules, groups, self.cfg, load_universal=self.reshaped)
+        return make_engine(name, modules, groups, self.cfg, load_universal=self.reshaped, betas=betas)
 
     # -- data --------------------------------------------------------------------------------
     def batches(self):

@@ -193,6 +193,9 @@ class OptimConfig:
     # Fine-tune only: 0 trains every weight of the teacher, > 0 a LoRA of that rank (merged on export).
     finetune_lora_rank: int = 0
     finetune_lr: float = 1e-5
+    # Fine-tune only: AdamW's betas. Flow matching wants momentum; optim.betas' β1 = 0 is
+    # DMD2's choice for the adversarial distillation roles.
+    finetune_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     # Fine-tune only: the conditions dropped so the teacher also learns the unconditional score (CFG).
     finetune_uncond_prob: float = 0.1
     # Fine-tune only: the shift applied to the logit-normal training sigmas (null: method.shift, the
@@ -200,6 +203,9 @@ class OptimConfig:
     # a sampler starting at sigma 1 begins where the teacher never learned (docs/benchmarks.md,
     # "Portrait world").
     finetune_sigma_shift: float | None = None
+    # Fine-tune only: the density the training sigmas are drawn from before the shift,
+    # logit_normal (SD3's) or uniform (more draws near sigma 1; w2svd.schedule.sample_training_sigmas).
+    finetune_sigma_density: Literal["logit_normal", "uniform"] = "logit_normal"
 
 
 @dataclass

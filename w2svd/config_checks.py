@@ -47,7 +47,9 @@ def validate(cfg: Config) -> None:
     _check(o.steps >= 1 and o.batch_size >= 1, "optim.steps and optim.batch_size must be >= 1")
     for key in ("generator_lr", "critic_lr", "disc_lr"):
         _check(getattr(o, key) > 0, f"optim.{key} must be positive")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    for key in ("betas", "finetune_betas"):
+        betas = getattr(o, key)
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"optim.{key} must be two numbers in [0, 1)")
     _check(o.checkpoint_every >= 1 and o.log_every >= 1, "optim.checkpoint_every and log_every must be >= 1")
     _check(o.sample_every >= 1 and o.sample_count >= 1, "optim.sample_every and optim.sample_count must be >= 1")
     _check(o.finetune_lora_rank >= 0, "optim.finetune_lora_rank must be >= 0 (0 = full fine-tune)")

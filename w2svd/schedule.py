@@ -84,12 +84,27 @@ def sample_logit_normal_sigmas(n: int, mean: float = 0.0, std: float = 1.0,
     return torch.sigmoid(mean + std * z)
 
 
+TRAINING_DENSITIES = ("logit_normal", "uniform")
+
+
 def sample_training_sigmas(n: int, shift: float, generator: torch.Generator | None = None,
-                           device: torch.device | str = "cpu") -> torch.Tensor:
-    """``s' = shift·s / (1 + (shift − 1)·s)`` of logit-normal ``s``: the flow-matching training
-    density moved by the sampler's shift, so that the sigmas a sampler spends its steps on are
-    the ones the model trained on (unshifted, ``P(s > 0.95) ≈ 0.2 %``; shift 3: 3 %)."""
-    return shift_sigmas(sample_logit_normal_sigmas(n, generator=generator, device=device), shift)
+                           device: torch.device | str = "cpu", density: str = "logit_normal") -> torch.Tensor:
+    """``s' = shift·s / (1 + (shift − 1)·s)`` of ``s`` drawn from ``density``: the flow-matching
+    training density moved by the sampler's shift, so that the sigmas a sampler spends its steps
+    on are the ones the model trained on.
+
+    ``logit_normal`` (SD3's): unshifted ``P(s' > 0.95) ≈ 0.2 %``, shift 3: 3 %. ``uniform``
+    (``s ~ U[0, 1]``), shift 3: 14 %: a small model from scratch must learn the whole layout of
+    a frame from pure noise at sigma near 1, and under logit-normal it barely sees that region
+    (docs/benchmarks.md, "Portrait world").
+    """
+    if density == "logit_normal":
+        s = sample_logit_normal_sigmas(n, generator=generator, device=device)
+    elif density == "uniform":
+        s = sample_uniform_sigmas(n, 0.0, 1.0, generator=generator, device=device)
+    else:
+        raise ValueError(f"training sigma density {density!r}; choose one of {', '.join(TRAINING_DENSITIES)}")
+    return shift_sigmas(s, shift)
 
 
 def logit_normal_density(s: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:

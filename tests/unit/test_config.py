@@ -40,6 +40,8 @@ def test_dotted_overrides_are_typed():
     (["method.name=dmd2", "method.generator=lora"], r"needs method.name = 'w2svd'"),
     (["model.family=hunyuan-i2v"], r"'embedded' is not available for model.family = 'hunyuan-i2v'"),
     (["nokey"], r"must look like section.key=value"),
+    (["optim.finetune_betas=[0.9, 1.0]"], r"optim.finetune_betas must be two numbers in \[0, 1\)"),
+    (["optim.finetune_sigma_density=beta"], r"optim.finetune_sigma_density = 'beta' is not allowed; choose one of \['logit_normal', 'uniform'\]"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
     with pytest.raises(ValueError, match=message):

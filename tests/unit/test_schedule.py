@@ -78,3 +78,13 @@ def test_training_sigmas_are_the_logit_normal_moved_by_the_sampler_shift():
     torch.testing.assert_close(S.sample_training_sigmas(20000, 1.0, generator=torch.Generator().manual_seed(3)), s_plain)
     # Unshifted, the sigmas a sampler starts from are almost never trained; shift 3 covers them.
     assert (s_plain > 0.95).float().mean() < 0.005 < 0.02 < (s3 > 0.95).float().mean() < 0.05
+
+
+def test_uniform_training_sigmas_are_uniform_draws_moved_by_the_shift():
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(4))
+    s3 = S.sample_training_sigmas(20000, 3.0, generator=torch.Generator().manual_seed(4), density="uniform")
+    torch.testing.assert_close(s3, 3 * u / (1 + 2 * u))
+    # P(3u / (1 + 2u) > 0.95) = P(u > 0.95 / 1.1) ≈ 0.136: several times the logit-normal's share.
+    assert 0.12 < (s3 > 0.95).float().mean() < 0.15
+    with pytest.raises(ValueError, match="training sigma density 'beta'"):
+        S.sample_training_sigmas(4, 3.0, density="beta")
