@@ -108,3 +108,17 @@ def test_sample_grid_shape():
     img = sample_grid([("real", clips), ("teacher", clips[:2])], frames=3, clips=2, scale=2, label_width=50)
     assert img.dtype == np.uint8 and img.shape[2] == 3
     assert img.shape[1] == 50 + 2 * (3 * 12 + 4) * 2 and img.shape[0] == 2 * (16 * 2 + 4)
+
+
+def test_portrait_teacher_probe_refuses_unknown_variants_and_unbuilt_folders(tmp_path, capsys):
+    from bench import portrait_teacher
+
+    with pytest.raises(SystemExit):
+        portrait_teacher.main(["--latents", str(tmp_path), "--out", str(tmp_path / "o"), "--variants", "h999"])
+    assert "unknown variant(s) ['h999']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        portrait_teacher.main(["--latents", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "is not a built world teacher folder" in capsys.readouterr().err
+    # Every variant names a rope split that sums to its head width (else the model would not build).
+    for lr, density, head_dim in portrait_teacher.VARIANTS.values():
+        assert head_dim // 4 + 2 * (3 * head_dim // 8) == head_dim and density in ("logit_normal", "uniform")
