@@ -5,6 +5,7 @@
 
 1. the VAE (the real ``AutoencoderKLHunyuanVideo`` class at ``model.vae_arch``) is trained on
    synthetic portraits until it reconstructs clips it never saw (``w2svd.world.train_vae``);
+   its folder's ``samples.png`` shows unseen clips above their round trip;
 2. ``world.data_clips`` synthetic clips at the first bucket's size are pre-encoded by the
    ``preencode`` stage (Ray Data) with that VAE and the config's text encoders;
 3. the ``finetune`` job (Ray Train + DeepSpeed) trains the teacher on those shards;
@@ -139,8 +140,27 @@ def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, step
     return write_sample_strip(path, real, clips)
 
 
+def write_vae_strip(config: str, vae_dir: Path, path: Path, count: int = 4) -> Path:
+    """Unseen clips (the VAE's test seeds) above ``decode(mode(encode(clip)))`` of the saved weights."""
+    import numpy as np
+    import torch
+
+    from pipelines.evaluate import write_sample_strip
+
+    cfg = load_config(config)
+    frames, height, width = world.first_bucket_size(cfg)
+    clips, _ = world.render_clips(world.vae_test_seed(cfg), count, frames, height, width, cfg.data.fps)
+    vae = world.load_vae(vae_dir)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(world.to_pixels(clips)).latent_dist.mode()).sample.clamp(-1, 1)
+    rec_u8 = ((rec.permute(0, 2, 3, 4, 1).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+    return write_sample_strip(path, clips, {"VAE round trip": rec_u8})
+
+
 def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = True) -> dict:
     vae_dir, vae_report = world.build_world_vae(config, log=log, force="vae" in force)
+    if not (vae_dir / SAMPLES_FILE).is_file() and vae_dir.parent == world.world_cache_root():
+        write_vae_strip(config, vae_dir, vae_dir / SAMPLES_FILE)
     psnr = vae_report.get("test_psnr_saved", vae_report["test_psnr"])
     bound = load_config(config).world.vae_min_psnr
     if psnr < bound:

@@ -50,6 +50,15 @@ def test_world_vae_learns_unseen_clips_and_is_cached_by_its_settings(small_world
         z = vae.encode(world.to_pixels(test_clips[:1])).latent_dist.mode() * vae.config.scaling_factor
     assert 0.3 < float(z.std()) < 3.0  # roughly unit-variance latents for the diffusion model
 
+    # The build's strip: unseen clips above their round trip, a PNG that decodes to that layout.
+    import cv2
+
+    from pipelines.world import write_vae_strip
+
+    png = write_vae_strip(small_world, folder, folder / "samples.png", count=2).read_bytes()
+    strip = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert strip.ndim == 3 and strip.shape[2] == 3 and strip.shape[0] >= 2 * height
+
     # Same settings: the cached folder, no training. Another setting: another key, not built.
     again = []
     assert world.build_world_vae(small_world, log=again.append)[0] == folder
