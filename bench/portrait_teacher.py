@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-# name: (lr, sigma density, attention_head_dim). 4 heads; rope axes scale with the head.
+# name: (lr, sigma density, attention_head_dim, AdamW β1). 4 heads; rope axes scale with the
+# head. β1 0 is optim.betas' (the distillation roles'), which the fine-tune used before it had
+# its own optim.finetune_betas.
 VARIANTS = {
-    "h64-lr3e-4-logit": (3e-4, "logit_normal", 16),
-    "h64-lr3e-4-uniform": (3e-4, "uniform", 16),
-    "h64-lr1e-3-uniform": (1e-3, "uniform", 16),
-    "h128-lr3e-4-uniform": (3e-4, "uniform", 32),
-    "h128-lr1e-3-uniform": (1e-3, "uniform", 32),
+    "h64-lr3e-4-logit": (3e-4, "logit_normal", 16, 0.9),
+    "h64-lr3e-4-uniform": (3e-4, "uniform", 16, 0.9),
+    "h64-lr1e-3-uniform": (1e-3, "uniform", 16, 0.9),
+    "h128-lr3e-4-uniform": (3e-4, "uniform", 32, 0.9),
+    "h128-lr1e-3-uniform": (1e-3, "uniform", 32, 0.9),
+    "h128-lr1e-3-uniform-beta1-0": (1e-3, "uniform", 32, 0.0),
 }
 PROBE_SIGMAS = (1.0, 0.95, 0.8, 0.5)
 
@@ -59,7 +62,7 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
     from w2svd.roles import View
     from w2svd.schedule import sample_training_sigmas
 
-    lr, density, head_dim = VARIANTS[name]
+    lr, density, head_dim, beta1 = VARIANTS[name]
     config = str(teacher_dir / "config.yaml")
     rope = [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
     cfg = load_config(config, ["model.teacher=null", f"model.arch.attention_head_dim={head_dim}",
@@ -73,7 +76,7 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
 
     model = build_backbone(cfg.model).train().requires_grad_(True)
     view = View(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.optim.finetune_betas), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, 0.999), weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     probe = torch.arange(0, len(x0), 4)[:32]
     eps_probe = torch.randn(x0[probe].shape, generator=torch.Generator().manual_seed(1))
@@ -109,7 +112,7 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
                                                     *world_size(cfg)))
     real = bundle.decode(x0[picked])
     save_frames(samples.numpy()[:8], real.numpy()[:8], out / f"{name}.png", name)
-    return {"variant": name, "lr": lr, "density": density, "hidden": 4 * head_dim, "steps": steps, "batch": batch,
+    return {"variant": name, "lr": lr, "density": density, "beta1": beta1, "hidden": 4 * head_dim, "steps": steps, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "mse_mean": round(mse_mean, 4), "curve": curve,
             "face_rate": face_detection_rate(samples.numpy()), "face_rate_real_vae": face_detection_rate(real.numpy()),
             "guidance_scale": cfg.method.guidance_scale, "seconds": round(time.time() - start, 1)}
