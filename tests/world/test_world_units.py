@@ -71,6 +71,7 @@ def test_portrait_pooled_vector_is_a_projection_of_the_word_counts():
     assert torch.allclose(p[0] * math.sqrt(2), p[2] + p[3], atol=1e-5)
     assert torch.allclose(p[4] * math.sqrt(3), 2 * p[2] + p[3], atol=1e-5)
     assert not torch.allclose(p[2], p[3], atol=0.1)
+    assert text.clip is None  # the pooled vector needs no CLIP model, so none is built
 
 
 def test_world_uris_and_keys():

@@ -202,13 +202,17 @@ def _tiny_text_configs(cfg: Config) -> tuple[dict, dict]:
 
 
 def _tiny_text_encoders(cfg: Config):
+    """Random-init Llama and CLIP text models; no CLIP in ``words`` mode, whose pooled vector is
+    ``bag_of_words_pooled`` (the CLIP tokenizer's ids are still what it counts)."""
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     llama_cfg, clip_cfg = _tiny_text_configs(cfg)
     with _seeded(cfg.model.seed + 1):
         llama = LlamaModel(LlamaConfig(**llama_cfg))
-    with _seeded(cfg.model.seed + 2):
-        clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+    clip = None
+    if cfg.model.text_tokenizer != "words":
+        with _seeded(cfg.model.seed + 2):
+            clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
     return llama, tiny_tokenizer(cfg), clip, tiny_tokenizer(cfg), encoder_ids(cfg)[1]
 
 
@@ -242,8 +246,10 @@ class TextEncoders:
             self.template = DEFAULT_PROMPT_TEMPLATE
             self.encoder_id = encoder_ids(cfg)[1]
         for model in (self.llama, self.clip):
-            model.to(self.dtype).eval().requires_grad_(False)
-        got_d, got_p = self.llama.config.hidden_size, self.clip.config.hidden_size
+            if model is not None:
+                model.to(self.dtype).eval().requires_grad_(False)
+        got_d = self.llama.config.hidden_size
+        got_p = self.clip.config.hidden_size if self.clip is not None else self.pooled_projection_VP.shape[1]
         if (got_d, got_p) != (m.arch.text_embed_dim, m.arch.pooled_projection_dim):
             raise ValueError(
                 f"text encoders give dims ({got_d}, {got_p}) but the transformer expects "
@@ -252,7 +258,8 @@ class TextEncoders:
 
     def to(self, device) -> TextEncoders:
         self.llama.to(device)
-        self.clip.to(device)
+        if self.clip is not None:
+            self.clip.to(device)
         if self.pooled_projection_VP is not None:
             self.pooled_projection_VP = self.pooled_projection_VP.to(device)
         return self
