@@ -17,7 +17,7 @@ from pipelines.errors import ArgumentParser, run_main
 from pipelines.guards import HEALTH_FILE
 from pipelines.startup import init_ray
 from pipelines.tracking import tracking_uri, training_run_id
-from pipelines.worker import EXPORT_DIR, TRAIN_NAME
+from pipelines.worker import EXPORT_DIR, EXPORT_MARKER, TRAIN_NAME
 from w2svd.config import Config, load_config, to_dict
 from w2svd.data import storage
 
@@ -52,7 +52,9 @@ def main(program: str, train_loop: Callable[[dict], None], argv: list[str] | Non
         result = train(program, train_loop, cfg, args.data, args.run_dir, export_only=args.export_only)
         print(json.dumps(result, indent=2))
         if result.get("status") == "stopped":
-            if result.get("stopped_by") == "drift" and result.get("export"):
+            # Exit 0 only when this stop exported its kept state: an export left in RUN_DIR by an
+            # earlier incarnation that ran to its last step says "last".
+            if result.get("stopped_by") == "drift" and result.get("export_kept_by") == "drift":
                 print(f"{prog}: the drift guard stopped training ({result['reason']}); exported its best state, "
                       f"{result.get('best_checkpoint')}", file=sys.stderr)
                 return 0
@@ -141,6 +143,7 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
         "status": "stopped" if health.get("stopped") else "finished",
         "checkpoint": location,
         "export": export if storage.exists(export, options) else None,
+        "export_kept_by": (storage.read_json(storage.join(export, EXPORT_MARKER), options) or {}).get("kept_by"),
         "steps": int(metrics.get("step", 0)),
         "method": "finetune" if program == "finetune" else cfg.method.name,
         "program": program,

@@ -11,6 +11,7 @@ written in band, at the learning-rate scale ``RUN_DIR/health.json`` records.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import resource
 import shutil
@@ -37,6 +38,9 @@ from w2svd.models.base import Cond
 from w2svd.previews import VAE_LABEL, decode_samples, quick_metrics, video_strip
 
 EXPORT_DIR = "export"
+# Written into the export by the worker that exported it: which state it holds ("drift": the best
+# by the drift guard's signal after a drift stop; "last": the state at the last step), and its step.
+EXPORT_MARKER = "w2svd_export.json"
 TRAIN_NAME = "train"  # Ray Train's experiment folder inside the run dir
 
 
@@ -327,6 +331,8 @@ class WorkerSession:
             if self.rank == 0:
                 with tempfile.TemporaryDirectory(prefix="w2svd-export-") as tmp:
                     write(Path(tmp))
+                    kept_by = "drift" if self.guards.stopped_by == "drift" else "last"
+                    (Path(tmp) / EXPORT_MARKER).write_text(json.dumps({"step": self.step, "kept_by": kept_by}))
                     storage.upload_folder(Path(tmp), storage.join(self.run_dir, EXPORT_DIR), self.options)
                 print(f"[w2svd] exported generator to {storage.join(self.run_dir, EXPORT_DIR)}", flush=True)
         barrier()

@@ -295,6 +295,7 @@ def test_a_drift_stop_exports_the_best_state_by_the_signal(services, tmp_path, c
     assert distill.main(args) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "stopped" and result["stopped_by"] == "drift" and "drift" in result["reason"]
+    assert result["export_kept_by"] == "drift"  # the worker's marker, not just an export folder
     fired = result["drift_fired_at"]
     kept = Path(result["best_checkpoint"])
     signals = {int(p.name.removeprefix("checkpoint_step")): json.loads((p / "state.json").read_text())["drift_signal"]
