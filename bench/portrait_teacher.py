@@ -37,6 +37,22 @@ VARIANTS = {
 PROBE_SIGMAS = (1.0, 0.95, 0.8, 0.5)
 
 
+def encoding_vae(teacher_dir: Path) -> str | None:
+    """The folder of the VAE that encoded the shards (their ``vae_id`` names its key). The
+    folder's config names the VAE by ``world:CONFIG/vae``, which follows the config's current
+    VAE settings; after those change, decoding these latents with it would be wrong."""
+    import pyarrow.parquet as pq
+
+    from w2svd import world
+
+    first = next(iter(sorted((teacher_dir / "latents" / "shards").glob("*.parquet"))), None)
+    vae_id = pq.read_table(first, columns=["vae_id"]).column(0)[0].as_py() if first else ""
+    if "@" not in vae_id:
+        return None
+    folder = world.world_cache_root() / world.part_dir_name("vae", vae_id.rsplit("@", 1)[1])
+    return str(folder) if folder.is_dir() else None
+
+
 def load_world_latents(teacher_dir: Path):
     import pyarrow.parquet as pq
     import torch
@@ -67,7 +83,9 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
     rope = [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
     cfg = load_config(config, ["model.teacher=null", f"model.arch.attention_head_dim={head_dim}",
                                f"model.arch.rope_axes_dim=[{','.join(map(str, rope))}]"])
-    bundle = load_teacher_bundle(str(teacher_dir), cfg.method.teacher_steps, config, device="cpu")
+    vae = encoding_vae(teacher_dir)
+    bundle = load_teacher_bundle(str(teacher_dir), cfg.method.teacher_steps, config,
+                                 [f"model.vae={vae}"] if vae else [], device="cpu")
     x0, captions = load_world_latents(teacher_dir)
     text, mask, pooled = bundle.encoders.encode_text(captions)
 
