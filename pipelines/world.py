@@ -141,20 +141,15 @@ def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, step
 
 
 def write_vae_strip(config: str, vae_dir: Path, path: Path, count: int = 4) -> Path:
-    """Unseen clips (the VAE's test seeds) above ``decode(mode(encode(clip)))`` of the saved weights."""
-    import numpy as np
-    import torch
-
+    """Unseen clips (the VAE's test seeds) above ``world.round_trip`` of the saved weights."""
     from pipelines.evaluate import write_sample_strip
+    from w2svd.data.buckets import clips_from_model_output
 
     cfg = load_config(config)
     frames, height, width = world.first_bucket_size(cfg)
     clips, _ = world.render_clips(world.vae_test_seed(cfg), count, frames, height, width, cfg.data.fps)
-    vae = world.load_vae(vae_dir)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(world.to_pixels(clips)).latent_dist.mode()).sample.clamp(-1, 1)
-    rec_u8 = ((rec.permute(0, 2, 3, 4, 1).numpy() + 1.0) * 127.5).round().astype(np.uint8)
-    return write_sample_strip(path, clips, {"VAE round trip": rec_u8})
+    rec = world.round_trip(world.load_vae(vae_dir), world.to_pixels(clips))
+    return write_sample_strip(path, clips, {"VAE round trip": clips_from_model_output(rec).numpy()})
 
 
 def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = True) -> dict:

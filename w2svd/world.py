@@ -233,13 +233,18 @@ def _random_crops(x_NCTHW: torch.Tensor, batch: int, crop: list[int], temporal_r
 
 
 @torch.no_grad()
+def round_trip(vae, x_BCTHW: torch.Tensor) -> torch.Tensor:
+    """``decode(mode(encode(x)))`` in [-1, 1]: what the pre-encoded latents decode back to."""
+    return vae.decode(vae.encode(x_BCTHW).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
 def reconstruction_psnr(vae, clips_BTHWC: np.ndarray, batch_size: int = 2) -> list[float]:
-    """Per-clip PSNR (dB, range [-1, 1]) of ``decode(mode(encode(clip)))`` against the clip."""
+    """Per-clip PSNR (dB, range [-1, 1]) of ``round_trip`` against the clip."""
     out = []
     for i in range(0, len(clips_BTHWC), batch_size):
         x = to_pixels(clips_BTHWC[i:i + batch_size])
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        out += psnr(rec, x).tolist()
+        out += psnr(round_trip(vae, x), x).tolist()
     return out
 
 
