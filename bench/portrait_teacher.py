@@ -10,7 +10,7 @@ it measures the x0 prediction ``x_t − σ·v`` on 32 training clips at σ 1 / 0
 against the clips (MSE; the per-position mean of the data scores ``mse_mean``, the bar a model
 that knew where in the frame each token sits would pass at σ 1), and at the end the face
 detection rate of 16 decoded 28-step Euler samples (CFG 2) beside the VAE round trip of real
-latents. Rows go to ``DIR/teacher-probe.jsonl``; frames to ``DIR/<variant>.png``.
+latents. Rows go to ``DIR/teacher-probe.jsonl``; a strip (real clips above samples) to ``DIR/<variant>.png``.
 The full build (``w2svd world build``) is the real path; this is its fast, controlled ablation.
 """
 
@@ -20,8 +20,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-import numpy as np
 
 # name: (lr, sigma density, attention_head_dim, AdamW β1). 4 heads; rope axes scale with the
 # head. β1 0 is optim.betas' (the distillation roles'), which the fine-tune used before it had
@@ -69,6 +67,7 @@ def load_world_latents(teacher_dir: Path):
 def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path, log=print) -> dict:
     import torch
 
+    from pipelines.evaluate import write_sample_strip
     from w2svd.baselines import flow_matching_step
     from w2svd.config import load_config
     from w2svd.generate import load_teacher_bundle
@@ -129,7 +128,7 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
     samples = bundle.decode(bundle.generate_latents([captions[i] for i in picked], list(range(len(picked))),
                                                     *world_size(cfg)))
     real = bundle.decode(x0[picked])
-    save_frames(samples.numpy()[:8], real.numpy()[:8], out / f"{name}.png", name)
+    write_sample_strip(out / f"{name}.png", real.numpy()[:4], {f"{name}\nEuler 28 steps": samples.numpy()[:4]})
     return {"variant": name, "lr": lr, "density": density, "beta1": beta1, "hidden": 4 * head_dim, "steps": steps, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "mse_mean": round(mse_mean, 4), "curve": curve,
             "face_rate": face_detection_rate(samples.numpy()), "face_rate_real_vae": face_detection_rate(real.numpy()),
@@ -139,23 +138,6 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
 def world_size(cfg) -> tuple[int, int, int]:
     b = cfg.data.buckets[0]
     return b.frames, b.height, b.width
-
-
-def save_frames(samples_BTHWC: np.ndarray, real_BTHWC: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(samples_BTHWC), figsize=(1.1 * len(samples_BTHWC), 3.2))
-    for row, (label, clips) in enumerate((("real (VAE)", real_BTHWC), (title, samples_BTHWC))):
-        for col, clip in enumerate(clips):
-            axes[row, col].imshow(clip[len(clip) // 2])
-            axes[row, col].axis("off")
-        axes[row, 0].set_title(label, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
