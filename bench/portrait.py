@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.errors import run_main
     from pipelines.startup import set_local_env_defaults
-    from pipelines.world import LATENTS_DIR, build
+    from pipelines.world import build
 
     set_local_env_defaults()
     args = parse_args(argv)
@@ -457,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         built = build(settings.config)
         (out / "world.json").write_text(json.dumps(built, indent=2))
-        latents = str(Path(built["teacher"]["path"]) / LATENTS_DIR)
-        shutil.copyfile(Path(built["teacher"]["path"]) / "samples.png", out / "world-samples.png")
+        latents = built["latents"]
+        if (Path(built["teacher"]["path"]) / "samples.png").is_file():
+            shutil.copyfile(Path(built["teacher"]["path"]) / "samples.png", out / "world-samples.png")
         if args.study in ("table", "all"):
             table = run_table(settings, out, latents)
             print(format_table(table["rows"]))

@@ -31,6 +31,7 @@ from pathlib import Path
 from pipelines.errors import ArgumentParser, UserError, run_main
 from w2svd import world
 from w2svd.config import Config, load_config
+from w2svd.data import shards
 
 LATENTS_DIR = "latents"
 SAMPLES_FILE = "samples.png"
@@ -164,7 +165,41 @@ def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = Tru
     teacher_dir, teacher_report = build_teacher(config, log, force="teacher" in force, check=check)
     return {"vae": {"path": str(vae_dir), "test_psnr": psnr},
             "teacher": {"path": str(teacher_dir), **{k: teacher_report[k] for k in ("key", "check")
-                                                    if k in teacher_report}}}
+                                                    if k in teacher_report}},
+            "latents": str(teacher_latents(config, log))}
+
+
+def latents_location(config: str) -> Path | None:
+    """The teacher's training shards: in its folder (a build here), or encoded again beside the
+    cache folder (a committed teacher ships without them); ``None`` if neither exists."""
+    cached, prebuilt = world.part_location(config, "teacher")
+    for folder in (cached / LATENTS_DIR, prebuilt and prebuilt / LATENTS_DIR, _reencoded(cached)):
+        if folder and (folder / shards.SUMMARY).is_file():  # written once the stage has finished
+            return folder
+    return None
+
+
+def _reencoded(cached: Path) -> Path:
+    return cached.with_name(cached.name + ".work") / LATENTS_DIR
+
+
+def teacher_latents(config: str, log=print) -> Path:
+    """``latents_location``, encoding the teacher's clips again (the same clips, the same VAE, the
+    ``preencode`` stage) when the teacher is a committed one without them."""
+    from pipelines import preencode
+    from pipelines.startup import init_ray
+
+    found = latents_location(config)
+    if found is not None:
+        return found
+    cfg = load_config(config)
+    cached, _ = world.part_location(config, "teacher")
+    out = _reencoded(cached)
+    log(f"[world] the teacher's shards are not here; encoding its {cfg.world.data_clips} clips again into {out}")
+    raw = write_clips(cfg, out.parent / "raw", log)
+    init_ray()
+    preencode.run(str(raw), str(out), cfg, log=log)
+    return out
 
 
 def show(config: str) -> dict:
@@ -211,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not status[part]["built"]:
                     raise UserError(f"the {part} of world {args.config!r} is not built; run "
                                     f"`w2svd world build --config {args.config}`")
-                print(Path(status[part]["path"]) / (LATENTS_DIR if args.path == LATENTS_DIR else ""))
+                latents = latents_location(args.config) if args.path == LATENTS_DIR else None
+                if args.path == LATENTS_DIR and latents is None:
+                    raise UserError(f"the teacher's shards of world {args.config!r} are not here (a committed "
+                                    f"teacher ships without them); `w2svd world build --config {args.config}` "
+                                    "encodes them")
+                print(latents or status[part]["path"])
             else:
                 print(json.dumps(status, indent=2))
             return 0

@@ -104,14 +104,25 @@ def vae_key(cfg: Config) -> str:
     return _digest(vae_recipe(cfg))
 
 
+# The method settings a fine-tuned teacher depends on (its training sigmas' shift, its adapter
+# targets, the Euler sampler and guidance saved beside it); the rest only steer distillation, so
+# a distillation recipe can change without invalidating a built (or committed) teacher.
+TEACHER_METHOD_FIELDS = ("shift", "lora_targets", "guidance", "guidance_scale", "teacher_steps")
+# Optimiser settings of the distillation roles only (the fine-tune has finetune_* of its own).
+DISTILL_ONLY_OPTIM_FIELDS = ("generator_lr", "critic_lr", "disc_lr", "generator_lr_schedule", "betas")
+
+
 def teacher_key(cfg: Config) -> str:
-    """Hash of what the fine-tuned teacher depends on: its VAE, the text encoders, the data and
-    the whole training config (with the teacher itself left out)."""
+    """Hash of what the fine-tuned teacher depends on: its VAE, the text encoders, the data, the
+    model, parallel and world sections, the optimiser's without ``DISTILL_ONLY_OPTIM_FIELDS`` and
+    the method's ``TEACHER_METHOD_FIELDS`` (the teacher itself left out)."""
     from w2svd.config import to_dict
     from w2svd.models.encoders import encoder_ids
 
     raw = to_dict(cfg)
     raw["model"]["teacher"] = None
+    raw["method"] = {k: raw["method"][k] for k in TEACHER_METHOD_FIELDS}
+    raw["optim"] = {k: v for k, v in raw["optim"].items() if k not in DISTILL_ONLY_OPTIM_FIELDS}
     keep = {k: raw[k] for k in ("model", "method", "data", "optim", "parallel", "world")}
     return _digest({"vae": vae_key(cfg), "text": encoder_ids(cfg)[1], "config": keep})
 

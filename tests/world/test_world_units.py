@@ -1,6 +1,7 @@
 """The portrait world's pieces that need no training: math against hand-written references,
 the word tokenizer, world URIs and their cache keys, the sample grid."""
 
+import json
 import math
 
 import numpy as np
@@ -88,8 +89,27 @@ def test_world_uris_and_keys():
 
 
 def test_unbuilt_world_part_is_a_one_line_error_naming_the_build(tmp_path):
-    with pytest.raises(FileNotFoundError, match="w2svd world build --config portrait"):
-        world.resolve_world_uri("world:portrait/teacher", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="w2svd world build --config portrait-fast"):
+        world.resolve_world_uri("world:portrait-fast/teacher", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("part", world.PARTS)
+def test_committed_world_parts_match_the_portrait_config(tmp_path, part):
+    """The demo and the evaluation tests use the committed portrait world on a fresh machine: an
+    edit to portrait.yaml that changes what a part depends on must come with a rebuilt part."""
+    folder = world.resolve_world_uri(f"world:portrait/{part}", cache_dir=tmp_path)
+    assert folder.parent == world.PREBUILT_DIR, (
+        f"no committed {part} for the current portrait.yaml: run `w2svd world build --config portrait` and "
+        f"commit its folder (without latents/) under w2svd/worlds/")
+    assert json.loads((folder / world.REPORT_FILE).read_text())["key"] == world.part_key(load_config("portrait"), part)
+
+
+def test_teacher_key_ignores_distillation_only_settings():
+    cfg = load_config("portrait")
+    for distill_only in ("method.gen_update_every=3", "method.alpha_weak=0.5", "optim.generator_lr=1e-5"):
+        assert world.teacher_key(load_config("portrait", [distill_only])) == world.teacher_key(cfg), distill_only
+    for teacher_setting in ("method.shift=5", "optim.finetune_lr=1e-4", "model.arch.num_layers=3"):
+        assert world.teacher_key(load_config("portrait", [teacher_setting])) != world.teacher_key(cfg), teacher_setting
 
 
 def test_small_vae_builds_from_config_with_four_times_spatial_compression():
@@ -121,6 +141,6 @@ def test_portrait_teacher_probe_refuses_unknown_variants_and_unbuilt_folders(tmp
         portrait_teacher.main(["--latents", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "is not a built world teacher folder" in capsys.readouterr().err
     # Every variant names a rope split that sums to its head width (else the model would not build).
-    for lr, density, head_dim, beta1 in portrait_teacher.VARIANTS.values():
+    for _lr, density, head_dim, beta1 in portrait_teacher.VARIANTS.values():
         assert head_dim // 4 + 2 * (3 * head_dim // 8) == head_dim and density in ("logit_normal", "uniform")
         assert 0 <= beta1 < 1
