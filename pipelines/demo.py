@@ -2,14 +2,20 @@
 
     synthetic portrait clips → pre-encode (Ray Data) → teacher fine-tune (Ray Train + DeepSpeed)
     → W2SVD distillation (Ray Train + DeepSpeed) → MLflow registry (challenger) → evaluation and
-    gated promotion (champion) → evaluation of ``models:/w2svd-generator@champion``
+    gated promotion (champion) → evaluation of ``models:/w2svd-generator@champion`` and a strip
+    ``WORKDIR/samples.png`` (real clips, the teacher at 28 steps, the generator at its steps)
     → batch generation of a few videos (Ray Data) → with ``--serve``: the Serve API
 
-    w2svd demo [--workdir runs/demo] [--tiny] [--serve [--port 8000]]
+    w2svd demo [--workdir runs/demo] [--config portrait|debug] [--tiny] [--serve [--port 8000]]
+
+The default config, ``portrait``, runs on the portrait world (``w2svd/world.py``): the VAE and the
+teacher trained by ``w2svd world build`` and committed under ``w2svd/worlds/``, so its videos
+show faces. Its teacher fine-tune is not rerun (about 45 minutes on 2 cores: the world build ran
+the same job); ``--config debug`` uses random-init parts and runs the fine-tune too.
 
 Everything lands under ``--workdir`` (clips, shards, checkpoints, exports, the MLflow store, the
 videos) and ``WORKDIR/demo-summary.json`` says where (``shards``, ``checkpoint``, ``model_uri``,
-``mlflow_tracking_uri``, ``videos``, the evaluation ``metrics``). Each stage runs as its own
+``mlflow_tracking_uri``, ``videos``, the evaluation ``metrics``, ``samples``). Each stage runs as its own
 ``python -m pipelines.<stage>`` process with a local Ray, exactly the command a user would type;
 a finished stage leaves ``WORKDIR/.demo/<stage>.json``, so a rerun resumes after the last
 finished stage instead of redoing them. ``--tiny`` is the fast variant the tests use.
@@ -28,12 +34,17 @@ import time
 from pathlib import Path
 
 from pipelines.errors import ArgumentParser, run_main
+from w2svd import world
+from w2svd.config import load_config
 
 PROMPTS = ["a woman talking to the camera", "a man with short hair nodding", "a person smiling, green background",
            "a young woman blinking", "an old man speaking slowly", "a person turning their head"]
 # --tiny: the fewest clips, steps and evaluation items that still exercise every stage.
 TINY = {"clips": 4, "finetune_steps": 2, "distill_steps": 2, "videos": 2,
         "overrides": ["eval.num_prompts=2", "eval.domain_train_clips=8", "eval.domain_train_steps=10"]}
+# Defaults by the teacher: a world's (committed, it draws faces) gets the table's budget of the
+# portrait benchmark (bench/portrait.py) on more clips; a random-init debug teacher, a few steps.
+DEFAULTS = {"world": {"clips": 32, "distill_steps": 120}, "debug": {"clips": 12, "distill_steps": 10}}
 
 
 class Stages:
@@ -61,6 +72,14 @@ class Stages:
             raise SystemExit(1)
         mark.write_text(json.dumps({"exit": code, "seconds": round(seconds, 1), "args": args}))
         return code
+
+
+def synth_like_world(cfg) -> list[str]:
+    """synth-data flags for clips like a world teacher's training data: its first bucket's size
+    and frame rate, portrait only."""
+    frames, height, width = world.first_bucket_size(cfg)
+    return ["--portrait-size", f"{width}x{height}", "--frames", str(frames), "--fps", f"{cfg.data.fps:g}",
+            "--landscape-fraction", "0"]
 
 
 def _write_prompts(path: Path, n: int) -> None:
@@ -91,10 +110,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--workdir", "--out", dest="workdir", type=Path, default=Path("runs/demo"),
                    help="where everything goes (default runs/demo)")
     p.add_argument("--tiny", action="store_true", help="the fast variant: fewest clips, steps and videos")
-    p.add_argument("--clips", type=int, default=12)
-    p.add_argument("--config", default="debug")
+    p.add_argument("--clips", type=int, help="synthetic clips to pre-encode (default 32 with a world's teacher, "
+                                             "else 12)")
+    p.add_argument("--config", default="portrait", help="portrait: the committed portrait world (faces); "
+                                                             "debug: random-init parts, every stage in seconds")
     p.add_argument("--finetune-steps", type=int, default=6)
-    p.add_argument("--distill-steps", type=int, default=10)
+    p.add_argument("--distill-steps", type=int, help="distillation iterations (default 120 with a world's "
+                                                      "teacher, else 10)")
     p.add_argument("--videos", type=int, default=4, help="videos the batch generation stage makes")
     p.add_argument("--serve", action="store_true", help="finally serve the model until Ctrl-C")
     p.add_argument("--port", type=int, default=8000, help="with --serve")
@@ -104,6 +126,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
+        defaults = DEFAULTS["world" if world.is_world_uri(load_config(args.config).model.teacher) else "debug"]
+        args.clips = args.clips or defaults["clips"]
+        args.distill_steps = args.distill_steps or defaults["distill_steps"]
         if args.tiny:
             args.clips, args.finetune_steps = TINY["clips"], TINY["finetune_steps"]
             args.distill_steps, args.videos = TINY["distill_steps"], TINY["videos"]
@@ -125,20 +150,30 @@ def demo(args, overrides: list[str]) -> int:
     (out / "mlruns").mkdir(exist_ok=True)
     py = [sys.executable, "-m"]
     cfg = ["--config", args.config]
+    config = load_config(args.config, overrides)
     stages = Stages(out, env)
     t0 = time.perf_counter()
 
+    world_teacher = world.is_world_uri(config.model.teacher)
     stages.run("synth", "synthetic portrait clips", [*py, "pipelines.synth_data", "--out", str(out / "raw"),
-                                                     "--clips", str(args.clips), "--seed", "0"])
+                                                     "--clips", str(args.clips), "--seed", "0",
+                                                     *(synth_like_world(config) if world_teacher else [])])
     stages.run("preencode", "pre-encode (Ray Data)", [*py, "pipelines.preencode", "--input", str(out / "raw"),
                                                       "--output", str(out / "latents"), *cfg, *overrides])
-    stages.run("finetune", "teacher fine-tune (Ray Train + DeepSpeed)",
-               [*py, "pipelines.finetune", *cfg, "--data", str(out / "latents"), "--run-dir", str(out / "teacher"),
-                f"optim.steps={args.finetune_steps}", *overrides])
-    teacher = json.loads((out / "teacher" / "result.json").read_text())["export"]
+    if world_teacher:
+        # A teacher worth distilling takes the finetune job ~45 min here, so the world's teacher
+        # (built by that job in `w2svd world build`, committed under w2svd/worlds/) is used as is.
+        print(f"\n=== teacher fine-tune: {config.model.teacher}, fine-tuned by the same job in "
+              f"`w2svd world build --config {args.config}` (--config debug runs it here)", flush=True)
+        teacher_override = []
+    else:
+        stages.run("finetune", "teacher fine-tune (Ray Train + DeepSpeed)",
+                   [*py, "pipelines.finetune", *cfg, "--data", str(out / "latents"), "--run-dir",
+                    str(out / "teacher"), f"optim.steps={args.finetune_steps}", *overrides])
+        teacher_override = [f"model.teacher={json.loads((out / 'teacher' / 'result.json').read_text())['export']}"]
     stages.run("distill", "W2SVD distillation (Ray Train + DeepSpeed)",
                [*py, "pipelines.distill", *cfg, "--data", str(out / "latents"), "--run-dir", str(out / "distill"),
-                f"model.teacher={teacher}", f"optim.steps={args.distill_steps}", *overrides])
+                *teacher_override, f"optim.steps={args.distill_steps}", *overrides])
     distilled = json.loads((out / "distill" / "result.json").read_text())
     stages.run("register", "register the generator (MLflow, alias challenger)",
                [*py, "pipelines.cli", "register", "--export", distilled["export"], *cfg])
@@ -147,9 +182,9 @@ def demo(args, overrides: list[str]) -> int:
                           ok_codes=(0, 3)) == 0
     alias = "champion" if promoted else "challenger"
     model_uri = f"models:/w2svd-generator@{alias}"
-    stages.run("evaluate", f"evaluate {model_uri}",
+    stages.run("evaluate", f"evaluate {model_uri}, and the strip of real clips, teacher and generator",
                [*py, "pipelines.evaluate", "--model", model_uri, *cfg, "--out", str(out / "evaluation.json"),
-                *overrides])
+                "--strip", str(out / "samples.png"), *teacher_override, *overrides])
     _write_prompts(out / "prompts.csv", args.videos)
     stages.run("generate", f"batch generation with {model_uri} (Ray Data)",
                [*py, "pipelines.generate", "--model", model_uri, "--prompts", str(out / "prompts.csv"),
@@ -161,6 +196,8 @@ def demo(args, overrides: list[str]) -> int:
     print(f"promotion: {summary['promotion'].get('decision', 'promoted' if promoted else 'rejected')}")
     print(f"evaluation of @{alias}: {json.dumps(summary['metrics'], indent=1)[:1500]}")
     print(f"videos: {len(summary['videos'])} mp4s in {out / 'generated' / 'videos'}")
+    print(f"strip: {out / 'samples.png'} (real clips, the teacher at {config.method.teacher_steps} steps, "
+          f"the generator at {config.method.student_steps})")
     print(f"MLflow store: {env['MLFLOW_TRACKING_URI']}   (mlflow ui --backend-store-uri ...)")
     print(f"total {time.perf_counter() - t0:.0f} s; everything is under {out}; summary in {out / 'demo-summary.json'}")
     if args.serve:
@@ -186,6 +223,7 @@ def write_summary(out: Path, env: dict, model_uri: str, distilled: dict, promote
         "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"],
         "videos": [r["output_uri"] for r in results if r["output_uri"]],
         "metrics": evaluation.get("metrics", {}),
+        "samples": str(out / "samples.png"),
     }
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))
     return summary

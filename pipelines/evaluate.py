@@ -247,15 +247,27 @@ def real_clips_report(cfg: Config, log=print) -> dict:
 
 def sample_clips(sources: dict[str, dict], cfg: Config, count: int = 4) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The first ``count`` real clips of the evaluation set and each source's clips for the same
-    prompts and noise (in this process: for pictures, not for numbers)."""
+    prompts and noise (in this process: for pictures, not for numbers). A label may name the
+    loaded sampler's ``{steps}`` and ``{method}``."""
     evalset = build_evalset(cfg.eval)
     items = evalset.items[:count]
     clips = {}
     for label, source in sources.items():
         bundle = load_source(source, device="cpu")
+        label = label.format(steps=bundle.settings.steps, method=bundle.settings.method)
         clips[label] = bundle.generate([it.prompt for it in items], [it.seed for it in items], items[0].num_frames,
                                        items[0].height, items[0].width).numpy()
     return reference_clips(evalset).numpy()[:count], clips
+
+
+def strip_sources(source: dict, cfg: Config, config: str, overrides: list[str]) -> dict[str, dict]:
+    """The rows of a sample strip for ``source``: the config's teacher at ``method.teacher_steps``
+    first (the reference a distilled model is read against), then ``source`` itself."""
+    rows = {}
+    if cfg.model.teacher and source["kind"] != "teacher":
+        rows["teacher\nEuler {steps} steps"] = teacher_source(config, cfg.method.teacher_steps, config, overrides)
+    rows["teacher\nEuler {steps} steps" if source["kind"] == "teacher" else "generator ({method})\n{steps} steps"] = source
+    return rows
 
 
 def write_sample_strip(path: str | Path, real: np.ndarray, rows: dict[str, np.ndarray], scale: int = 2) -> Path:
@@ -338,6 +350,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, $MLFLOW_TRACKING_URI, "
                                           "or ./mlruns)")
     p.add_argument("--no-record", action="store_true", help="do not write metrics/tags to the registry")
+    p.add_argument("--strip", help="also write this PNG: real clips of the evaluation set, the config's "
+                                   "teacher at method.teacher_steps and the evaluated model, same prompts and noise")
+    p.add_argument("--strip-clips", type=int, default=4, help="clips (columns of frames) in --strip")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.num_prompts=4")
     return p
 
@@ -375,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         print(f"[evaluate] report written to {out}")
+        if args.strip:
+            write_sample_strip(args.strip, *sample_clips(strip_sources(source, cfg, args.config, args.overrides),
+                                                         cfg, args.strip_clips))
+            print(f"[evaluate] sample strip written to {args.strip}")
         return 0
 
     return run_main("w2svd evaluate", body)
