@@ -130,7 +130,7 @@ def run(model: str, prompts: str, output: str, cfg: Config, tracking_uri: str | 
     """Generate every row of ``prompts`` not yet in ``output``; returns the summary."""
     import ray
 
-    from pipelines.startup import init_ray
+    from pipelines.startup import init_ray, require_local_gpus
 
     options = options or storage.StorageOptions.from_env(cfg.data.s3_endpoint)
     rows = table.read_prompt_table(prompts, options)
@@ -145,6 +145,7 @@ def run(model: str, prompts: str, output: str, cfg: Config, tracking_uri: str | 
     kill_after = cfg.debug.kill_generate_after_rows
     if todo:
         init_ray(need_cpus=cfg.generate.actors * cfg.generate.num_cpus)
+        require_local_gpus(cfg.generate.num_gpus, "generate.num_gpus")
         g = cfg.generate
         ds = ray.data.from_items([{"row": r["row"], "key": r["key"], "body": json.dumps(r["body"], default=str)}
                                   for r in todo], override_num_blocks=max(1, min(len(todo) // g.batch_size, 200)))

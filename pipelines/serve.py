@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import ray
 
-        from pipelines.startup import init_ray
+        from pipelines.startup import init_ray, require_local_gpus
 
         args = build_parser().parse_args(argv)
         cfg = load_config(args.config, args.overrides)
@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         try:
-            if started and cfg.serve.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
-                raise ValueError(f"serve.num_gpus = {cfg.serve.num_gpus:g} but this machine has no GPU; "
-                                 "pass serve.num_gpus=0 to serve on CPU")
+            if started:
+                require_local_gpus(cfg.serve.num_gpus, "serve.num_gpus")
             serve.start(http_options={"host": args.host, "port": args.port,
                                       "request_timeout_s": cfg.serve.request_timeout_s})
             serve.run(app, name=APP_NAME, route_prefix="/")

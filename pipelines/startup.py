@@ -36,6 +36,15 @@ def init_ray(need_cpus: float = 0.0, num_cpus: int | None = None) -> bool:
     return True
 
 
+def require_local_gpus(num_gpus: float, key: str) -> None:
+    """A one-line error instead of a job that waits forever: ``key`` asks for GPUs per actor but
+    the local Ray has none (a joined cluster, ``$RAY_ADDRESS``, may add GPU nodes on demand)."""
+    import ray
+
+    if num_gpus > 0 and not os.environ.get("RAY_ADDRESS") and not ray.cluster_resources().get("GPU"):
+        raise ValueError(f"{key} = {num_gpus:g} but this machine has no GPU; pass {key}=0 to run on CPU")
+
+
 # What `make` exports for every command (Makefile): no hub access, no Ray token or telemetry, Ray
 # and gloo on loopback. In-process programs that start a local Ray (world build, benchmarks) set
 # them too, for a user who runs them without make; a value already set is kept.

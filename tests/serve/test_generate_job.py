@@ -114,3 +114,13 @@ def test_a_missing_table_is_a_one_line_error(prompts, capsys):
     assert generate.main(["--model", prompts, "--prompts", f"s3://{BUCKET}/nope.csv", "--output", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+def test_gpu_actors_on_a_machine_without_gpus_is_a_one_line_error(prompts, ray_local, tmp_path, capsys):
+    # Ray would keep the actor pending forever (the demo's generate stage once did, with the
+    # default generate.num_gpus = 1 on a CPU machine).
+    args = ["--model", prompts, "--prompts", PROMPTS, "--output", str(tmp_path / "gpu"), "--config", "debug",
+            "generate.num_gpus=1"]
+    assert generate.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "generate.num_gpus = 1 but this machine has no GPU" in line
