@@ -38,6 +38,10 @@ from w2svd.metrics.domain import ensure_domain_encoder
 FVD_KEY = "fvd/domain"
 FACE_KEY = "face_detection_rate"
 FACTOR_KEY = "factor_agreement"
+# Image-to-video models only: the clip against its reference image (the evaluation item's first
+# real frame), the paper's "i2v" column (w2svd.metrics.vbench.i2v_subject_consistency, a proxy).
+I2V_KEY = "i2v_consistency"
+I2V_FIRST_KEY = "i2v_first_frame_ssim"  # the first frame alone against the reference
 # Caption factors checked from the pixels (blink timing is left out: a generated clip has no
 # "true" blink frames, only the caption's "blinking").
 FACTOR_KEYS = ("talking", "blink", "skin_tone", "hair_color", "background")
@@ -102,25 +106,33 @@ class GenerateClips:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = [str(x) for x in batch["label"]]
         clips: list[np.ndarray | None] = [None] * len(labels)
+        conditioned = [False] * len(labels)
         for label in dict.fromkeys(labels):
             idx = [i for i, lab in enumerate(labels) if lab == label]
             first = idx[0]
             size = (int(batch["num_frames"][first]), int(batch["height"][first]), int(batch["width"][first]))
-            out = self._bundle(label).generate([str(batch["prompt"][i]) for i in idx],
-                                               [int(batch["seed"][i]) for i in idx], *size)
+            bundle = self._bundle(label)
+            images = [np.asarray(batch["reference"][i]) for i in idx] if bundle.image_to_video else None
+            out = bundle.generate([str(batch["prompt"][i]) for i in idx], [int(batch["seed"][i]) for i in idx],
+                                  *size, images=images)
             for i, clip in zip(idx, out.numpy(), strict=True):
-                clips[i] = clip
-        return {"label": np.array(labels, dtype=object), "index": batch["index"], "clip": np.stack(clips)}
+                clips[i], conditioned[i] = clip, bundle.image_to_video
+        return {"label": np.array(labels, dtype=object), "index": batch["index"], "clip": np.stack(clips),
+                "reference": batch["reference"], "image_conditioned": np.array(conditioned)}
 
 
-def clip_scores(clip_THWC: np.ndarray, fps: float, factors: dict | None = None) -> dict[str, float]:
+def clip_scores(clip_THWC: np.ndarray, fps: float, factors: dict | None = None,
+                reference: np.ndarray | None = None) -> dict[str, float]:
     """Per-clip values whose mean over clips is the set's value (every metric here is one).
 
     With the item's synthetic ``factors`` also the agreement of the clip with its caption
     (``factor/<name>``: talking, blink, skin tone, hair colour, background; 0 or 1 per clip) and
-    their mean ``factor_agreement``."""
+    their mean ``factor_agreement``; with the ``reference`` image of an image-to-video model, its
+    ``i2v_consistency``."""
     from w2svd.metrics import face_detection_rate, vbench_report
+    from w2svd.metrics.clips import gray_frames_THW
     from w2svd.metrics.portrait import clip_factor_agreement
+    from w2svd.metrics.vbench import i2v_subject_consistency, ssim
 
     report = vbench_report(clip_THWC[None], fps=fps, dimensions=list(VBENCH_DIMS))
     scores = {name: float(entry["value"]) for name, entry in report.items()}
@@ -129,6 +141,9 @@ def clip_scores(clip_THWC: np.ndarray, fps: float, factors: dict | None = None) 
         agreement = {k: v for k, v in clip_factor_agreement(clip_THWC, factors).items() if k in FACTOR_KEYS}
         scores |= {f"factor/{k}": float(v) for k, v in agreement.items()}
         scores[FACTOR_KEY] = float(np.mean(list(agreement.values())))
+    if reference is not None:
+        scores[I2V_KEY] = i2v_subject_consistency(clip_THWC[None], reference[None])
+        scores[I2V_FIRST_KEY] = ssim(*gray_frames_THW(np.stack([reference, clip_THWC[0]])))
     return scores
 
 
@@ -155,8 +170,9 @@ class ComputeMetrics:
             fd.update(clips, real=False)
             buf = io.BytesIO()
             torch.save(fd.state(), buf)
-            scores = {int(batch["index"][i]): clip_scores(np.asarray(batch["clip"][i]), self.fps,
-                                                          self._factors(int(batch["index"][i]))) for i in idx}
+            scores = {int(batch["index"][i]): clip_scores(
+                np.asarray(batch["clip"][i]), self.fps, self._factors(int(batch["index"][i])),
+                reference=np.asarray(batch["reference"][i]) if batch["image_conditioned"][i] else None) for i in idx}
             out["label"].append(label)
             out["state"].append(buf.getvalue())
             out["scores"].append(json.dumps(scores))
@@ -177,9 +193,12 @@ def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[s
     e = cfg.eval
     encoder_path, encoder_sha = ensure_domain_encoder(e)
     evalset = build_evalset(e).with_domain_encoder(encoder_sha)
+    reference = reference_clips(evalset)
     init_ray()  # joins $RAY_ADDRESS or starts a local Ray (left running for later evaluations)
+    # Every row carries its item's first real frame: an image-to-video model's reference.
     rows = [{"label": label, "index": it.index, "prompt": it.prompt, "seed": it.seed, "num_frames": it.num_frames,
-             "height": it.height, "width": it.width} for label in sources for it in evalset.items]
+             "height": it.height, "width": it.width, "reference": reference[it.index, 0].numpy()}
+            for label in sources for it in evalset.items]
     threads = max(1, int(e.actor_num_cpus))
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(GenerateClips, fn_constructor_kwargs={"sources": sources, "threads": threads},
@@ -193,7 +212,6 @@ def evaluate_sources(sources: dict[str, dict], cfg: Config, log=print) -> dict[s
     partials = ds.take_all()
 
     encoder = DomainVideoEncoder.from_path(encoder_path)
-    reference = reference_clips(evalset)
     real = FrechetDistance(encoder)
     real.update(reference, real=True)
     reports = {}
@@ -251,13 +269,15 @@ def sample_clips(sources: dict[str, dict], cfg: Config, count: int = 4) -> tuple
     loaded sampler's ``{steps}`` and ``{method}``."""
     evalset = build_evalset(cfg.eval)
     items = evalset.items[:count]
+    real = reference_clips(evalset).numpy()[:count]
     clips = {}
     for label, source in sources.items():
         bundle = load_source(source, device="cpu")
         label = label.format(steps=bundle.settings.steps, method=bundle.settings.method)
+        images = list(real[:, 0]) if bundle.image_to_video else None
         clips[label] = bundle.generate([it.prompt for it in items], [it.seed for it in items], items[0].num_frames,
-                                       items[0].height, items[0].width).numpy()
-    return reference_clips(evalset).numpy()[:count], clips
+                                       items[0].height, items[0].width, images=images).numpy()
+    return real, clips
 
 
 def strip_sources(source: dict, cfg: Config, config: str, overrides: list[str]) -> dict[str, dict]:
@@ -288,6 +308,9 @@ def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: st
     backends = {name: DIMENSIONS[name].backend for name in VBENCH_DIMS}
     backends[FVD_KEY] = f"domain-encoder sha256:{encoder_sha[:16]}"
     backends[FACE_KEY] = "opencv-haar"
+    if I2V_KEY in metrics:
+        backends[I2V_KEY] = "offline-proxy: SSIM on luma instead of DINO (w2svd.metrics.vbench)"
+        backends[I2V_FIRST_KEY] = "SSIM of the first frame's luma against the reference's"
     if FACTOR_KEY in metrics:
         backends[FACTOR_KEY] = "pixel checks of the synthetic factors (w2svd.metrics.portrait)"
     return {

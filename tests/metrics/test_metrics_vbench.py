@@ -78,6 +78,26 @@ def test_consistency_uses_first_and_previous_frame():
     assert vb._consistency(frames, sim) == pytest.approx(expected)
 
 
+def test_i2v_consistency_matches_hand_computation_and_follows_the_reference(clips):
+    rng = np.random.default_rng(1)
+    clip_BTHWC = rng.integers(0, 256, (2, 2, 24, 20, 3)).astype(np.uint8)
+    image_BHWC = rng.integers(0, 256, (2, 24, 20, 3)).astype(np.uint8)
+    luma = lambda x: x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # noqa: E731
+    expected = []
+    for c, im in zip(clip_BTHWC, image_BHWC, strict=True):
+        img, f0, f1 = luma(im), luma(c[0]), luma(c[1])
+        s = lambda a, b: max(0.0, ssim_reference(a, b))  # noqa: E731
+        # frame 0: its agreement with the reference; frame 1: the reference and frame 0
+        expected.append(np.mean([s(img, f0), 0.5 * (s(img, f1) + s(f0, f1))]))
+    assert vb.i2v_subject_consistency(clip_BTHWC, image_BHWC) == pytest.approx(np.mean(expected), rel=1e-5)
+    static = clips["static"]
+    first = static[:, 0].numpy()
+    assert vb.i2v_subject_consistency(static, first) == pytest.approx(1.0)
+    assert vb.i2v_subject_consistency(static, np.roll(first, 8, axis=2)) < 0.9  # a reference the clip ignores
+    with pytest.raises(ValueError, match="one \\[H, W, 3\\] image per clip"):
+        vb.i2v_subject_consistency(static, first[:1])
+
+
 def test_quality_proxies_rank_degraded_clips_lower(clips):
     sharp = clips["static"]
     blurred = torch.from_numpy(np.stack([[cv2.GaussianBlur(f, (9, 9), 3) for f in c] for c in sharp.numpy()]))

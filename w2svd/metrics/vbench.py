@@ -120,6 +120,20 @@ def subject_consistency(clips_BTHWC) -> float:
 
 
 @backend(PROXY)
+def i2v_subject_consistency(clips_BTHWC, images_BHWC) -> float:
+    """Image-to-video subject consistency (VBench++'s "i2v subject"), with SSIM on luma instead of
+    DINO cosine: the consistency aggregation over the reference image followed by the clip's frames,
+    ``mean_t ½(max(0, s(img, f_t)) + max(0, s(f_{t−1}, f_t)))`` with ``f_{−1} = img``, so the first
+    frame's term is ``s(img, f_0)``: its agreement with the reference."""
+    clips = as_clips_BTHWC(clips_BTHWC).numpy()
+    images = np.asarray(images_BHWC)
+    if images.shape != (clips.shape[0], *clips.shape[2:]):
+        raise ValueError(f"i2v consistency: images {images.shape} for clips {clips.shape}; one [H, W, 3] image per clip")
+    return float(np.mean([_consistency(list(gray_frames_THW(np.concatenate([im[None], c]))), ssim)
+                          for c, im in zip(clips, images, strict=True)]))
+
+
+@backend(PROXY)
 def background_consistency(clips_BTHWC) -> float:
     """Background consistency, VBench aggregation with colour-thumbnail correlation instead of CLIP cosine."""
     clips = as_clips_BTHWC(clips_BTHWC).numpy()
