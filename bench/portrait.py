@@ -39,8 +39,9 @@ import numpy as np
 
 TUNE_OFFSET = 500
 FVD, FACE, FACTOR = "fvd/domain", "face_detection_rate", "factor_agreement"
-# The paper's six VBench dimensions that this t2v world can score (its seventh, "i2v", needs the
-# image-to-video setting), paired with the evaluation's metric names.
+I2V, I2V_FIRST = "i2v_consistency", "i2v_first_frame_ssim"
+# The paper's six VBench dimensions that a text-to-video world can score (its seventh, "i2v", is
+# scored for image-to-video models: --config portrait-i2v), paired with the evaluation's names.
 DIMS = {"subject": "subject_consistency", "motion_smooth": "motion_smoothness", "dynamic": "dynamic_degree",
         "aesthetic": "aesthetic_quality", "imaging": "imaging_quality", "flicker": "temporal_flickering"}
 # ../shared/reference/paper-numbers.md, Table 1 (HunyuanVideo I2V, portrait clips).
@@ -179,6 +180,9 @@ def row_from(method: str, steps: int, variant: str, metrics: dict, floor: dict, 
            **{f"factor/{k.split('/', 1)[1]}": float(v) for k, v in metrics.items() if k.startswith("factor/")},
            **{v: float(metrics[v]) for v in DIMS.values()},
            "avg6": float(np.mean(list(dims.values()))), **extra}
+    if I2V in metrics:  # an image-to-video model: the paper's seventh column and its 7-dim average
+        row |= {"i2v": float(metrics[I2V]), "i2v_first_frame_ssim": float(metrics[I2V_FIRST]),
+                "avg7": float(np.mean([*dims.values(), metrics[I2V]]))}
     if paper:
         row["paper"] = paper
         if all(k in paper for k in DIMS):
@@ -267,20 +271,26 @@ def _jsonable(settings: Settings) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """The table in the paper's shape (its six t2v-scorable dimensions) with its numbers beside ours."""
+    i2v = any("i2v" in r for r in rows)
     head = ["steps", "method", "variant", "FVD dom. (floor)", "face rate (real)", "factors", "dynamic", "subject",
             "smooth", "flicker", "aesth.", "imaging", "avg6", "paper avg6", "paper dynamic", "train s"]
+    if i2v:
+        head[-1:-1] = ["i2v", "first-frame SSIM", "avg7", "paper i2v", "paper avg7"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = r.get("paper", {})
         paper_avg = (f"{r['paper_avg6']:.3f}" if "paper_avg6" in r else
                      f"{paper['avg']:.3f} (7-dim)" if "avg" in paper else "—")
         cells = [str(r["steps"] or "—"), r["method"], r["variant"] or "—",
-                 f"{r['fvd_domain']:.1f} ({r['fvd_floor']:.1f})", f"{r['face_rate']:.2f} ({r['face_rate_real']:.2f})",
+                 f"{r['fvd_domain']:.2f} ({r['fvd_floor']:.2f})", f"{r['face_rate']:.2f} ({r['face_rate_real']:.2f})",
                  f"{r['factor_agreement']:.2f}", f"{r['dynamic_degree']:.2f}",
                  *(f"{r[k]:.3f}" for k in ("subject_consistency", "motion_smoothness", "temporal_flickering",
                                             "aesthetic_quality", "imaging_quality", "avg6")),
-                 paper_avg, f"{paper['dynamic']:.3f}" if "dynamic" in paper else "—", f"{r['seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+                 paper_avg, f"{paper['dynamic']:.3f}" if "dynamic" in paper else "—"]
+        if i2v:
+            cells += [*(f"{r[k]:.3f}" if k in r else "—" for k in ("i2v", "i2v_first_frame_ssim", "avg7")),
+                      *(f"{paper[k]:.3f}" if k in paper else "—" for k in ("i2v", "avg"))]
+        lines.append("| " + " | ".join(cells + [f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +312,8 @@ def plot_bars(rows: list[dict], out: Path) -> list[Path]:
     metrics = {"fvd_domain": "domain FVD (lower is better)", "face_rate": "face detection rate",
                "dynamic_degree": "dynamic degree", "factor_agreement": "caption-factor agreement",
                "avg6": "mean of the six VBench-style dimensions", **{v: v.replace("_", " ") for v in DIMS.values()}}
+    if any("i2v" in r for r in rows):
+        metrics |= {"i2v": "i2v consistency (the paper's i2v column; SSIM proxy)", "avg7": "mean of the seven dimensions"}
     real = next(r for r in rows if r["method"] == "real")
     shown = [r for r in rows if r["method"] != "real"]
     paths = []
@@ -310,10 +322,13 @@ def plot_bars(rows: list[dict], out: Path) -> list[Path]:
         colours = ["#888888" if r["method"] == "euler" else "#4c72b0" if r["method"] == "w2svd" else "#dd8452"
                    if r["method"] == "dmd2" else "#55a868" for r in shown]
         ax.bar(range(len(shown)), [r[key] for r in shown], color=colours)
-        ax.axhline(real[key], color="k", ls="--", lw=1, label="real clips" + (" (floor)" if key == "fvd_domain" else ""))
+        if key in real:
+            ax.axhline(real[key], color="k", ls="--", lw=1,
+                       label="real clips" + (" (floor)" if key == "fvd_domain" else ""))
         ax.set_xticks(range(len(shown)), [_label(r) for r in shown], rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        if key in real:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"bars-{key.replace('/', '-')}.png"
         fig.savefig(path, dpi=90)

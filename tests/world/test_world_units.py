@@ -144,3 +144,22 @@ def test_portrait_teacher_probe_refuses_unknown_variants_and_unbuilt_folders(tmp
     for _lr, density, head_dim, beta1 in portrait_teacher.VARIANTS.values():
         assert head_dim // 4 + 2 * (3 * head_dim // 8) == head_dim and density in ("logit_normal", "uniform")
         assert 0 <= beta1 < 1
+
+
+def test_portrait_table_rows_carry_the_i2v_column_only_for_image_to_video_models():
+    from bench import portrait
+
+    dims = {v: 0.5 for v in portrait.DIMS.values()}
+    floor = {portrait.FVD: 0.6, portrait.FACE: 0.8, **dims}
+    t2v = portrait.row_from("w2svd", 4, "", {portrait.FVD: 0.4, portrait.FACE: 0.5, **dims}, floor, seconds=1.0)
+    i2v = portrait.row_from("w2svd", 4, "", {portrait.FVD: 0.4, portrait.FACE: 0.5, **dims, portrait.I2V: 0.9,
+                                             portrait.I2V_FIRST: 0.8}, floor, seconds=1.0)
+    assert "i2v" not in t2v and t2v["avg6"] == pytest.approx(0.5)
+    assert i2v["i2v"] == 0.9 and i2v["avg7"] == pytest.approx((6 * 0.5 + 0.9) / 7)
+    assert i2v["paper"]["i2v"] == pytest.approx(0.9763)  # the paper's W2SVD 4-step row beside ours
+    assert "paper i2v" not in portrait.format_table([t2v])
+    table = portrait.format_table([t2v, i2v]).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = [c.strip() for c in table[3].strip("|").split("|")]
+    assert cells[head.index("i2v")] == "0.900" and cells[head.index("paper i2v")] == "0.976"
+    assert [c.strip() for c in table[2].strip("|").split("|")][head.index("i2v")] == "—"
