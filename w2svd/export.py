@@ -28,6 +28,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from w2svd import world
 from w2svd.config import Config, ModelConfig, to_yaml
 from w2svd.models.base import Cond
 from w2svd.models.hunyuan import HunyuanVideoBackbone, build_backbone, save_backbone
@@ -165,7 +166,7 @@ def save_generator_export(backbone: HunyuanVideoBackbone, folder: str | os.PathL
         }, indent=2))
     save_backbone(plain_backbone(backbone, adapter), folder / TRANSFORMER_DIR)
     (folder / SAMPLER_FILE).write_text(sampler_settings.to_json())
-    (folder / CONFIG_FILE).write_text(to_yaml(cfg))
+    (folder / CONFIG_FILE).write_text(to_yaml(world.pin_world_parts(cfg)))
     return folder
 
 

@@ -73,9 +73,10 @@ def is_world_uri(uri: str | None) -> bool:
 
 
 def parse_world_uri(uri: str) -> tuple[str, str]:
-    """``world:CONFIG/PART`` → ``(CONFIG, PART)``; CONFIG is a config name or a YAML path."""
+    """``world:CONFIG/PART[@KEY]`` → ``(CONFIG, PART)``; CONFIG is a config name or a YAML path."""
     body = uri[len(SCHEME):]
     config, sep, part = body.rpartition("/")
+    part = part.split("@", 1)[0]
     if not sep or not config or part not in PARTS:
         raise ValueError(f"world URI {uri!r} must look like world:CONFIG/PART with PART one of {list(PARTS)}")
     return config, part
@@ -151,9 +152,27 @@ def part_location(config: str, part: str, cache_dir: str | os.PathLike | None = 
     return world_cache_root(cache_dir) / name, prebuilt if prebuilt.is_dir() else None
 
 
+def pinned_key(uri: str) -> str | None:
+    """The KEY of a pinned ``world:CONFIG/PART@KEY`` (what an export records), else None."""
+    _, sep, key = uri.rpartition("/")[2].partition("@")
+    return key if sep else None
+
+
 def resolve_world_uri(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local folder of a built world part; a one-line error naming the build command if absent."""
+    """The local folder of a built world part; a one-line error naming the build command if absent.
+
+    ``world:CONFIG/PART`` follows CONFIG's current settings; ``…@KEY`` is the part built with the
+    settings of that key, whatever CONFIG says now (so an export keeps the VAE it was trained with)."""
     config, part = parse_world_uri(uri)
+    key = pinned_key(uri)
+    if key is not None:
+        name = part_dir_name(part, key)
+        for folder in (world_cache_root(cache_dir) / name, PREBUILT_DIR / name):
+            if (folder / REPORT_FILE).is_file():
+                return folder
+        raise FileNotFoundError(f"{uri}: the {part} built with settings {key} is not here (world {config!r} now "
+                                f"builds {part_dir_name(part, part_key(load_config(config), part))}); build it with "
+                                "the settings it was built with, or retrain on the current world")
     cached, prebuilt = part_location(config, part, cache_dir)
     for folder in (cached, prebuilt):
         if folder is not None and (folder / REPORT_FILE).is_file():
@@ -163,9 +182,21 @@ def resolve_world_uri(uri: str, cache_dir: str | os.PathLike | None = None) -> P
 
 
 def world_part_id(uri: str) -> str:
-    """A stable id of a world part for shard metadata: the URI plus the key of its settings."""
+    """A stable id of a world part (shard metadata, an export's config): the URI pinned to the
+    key of its settings, ``world:CONFIG/PART@KEY``."""
+    if pinned_key(uri) is not None:
+        return uri
     config, part = parse_world_uri(uri)
     return f"{uri}@{part_key(load_config(config), part)}"
+
+
+def pin_world_parts(cfg: Config) -> Config:
+    """``cfg`` with its ``world:`` VAE and teacher pinned to their keys (``world_part_id``): what
+    an export writes, so a world rebuilt later does not change what the export decodes with."""
+    from dataclasses import replace
+
+    pinned = {k: world_part_id(v) for k in ("vae", "teacher") if is_world_uri(v := getattr(cfg.model, k))}
+    return replace(cfg, model=replace(cfg.model, **pinned)) if pinned else cfg
 
 
 def publish(tmp: Path, final: Path) -> Path:

@@ -163,3 +163,35 @@ def test_portrait_table_rows_carry_the_i2v_column_only_for_image_to_video_models
     cells = [c.strip() for c in table[3].strip("|").split("|")]
     assert cells[head.index("i2v")] == "0.900" and cells[head.index("paper i2v")] == "0.976"
     assert [c.strip() for c in table[2].strip("|").split("|")][head.index("i2v")] == "—"
+
+
+def test_pinned_world_uris_keep_the_part_they_were_built_with(tmp_path):
+    cfg = load_config("portrait")
+    vae = f"world:portrait/vae@{world.vae_key(cfg)}"
+    pinned = world.pin_world_parts(cfg)
+    assert pinned.model.vae == vae and pinned.model.teacher == f"world:portrait/teacher@{world.teacher_key(cfg)}"
+    assert load_config("debug") == world.pin_world_parts(load_config("debug"))  # nothing to pin
+    # Pinned or not, the same weights: shards encoded under either name stay compatible.
+    assert encoder_ids(pinned) == encoder_ids(cfg)
+    # The config's settings move on (another VAE recipe); the pinned URI still names the old part.
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("base: portrait\nworld: {vae_steps: 7}\n")
+    assert world.resolve_world_uri(f"world:{moved}/vae@{world.vae_key(cfg)}", cache_dir=tmp_path) == \
+        world.resolve_world_uri("world:portrait/vae", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="not built"):
+        world.resolve_world_uri(f"world:{moved}/vae", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="built with settings 000000000000 is not here"):
+        world.resolve_world_uri("world:portrait/vae@000000000000", cache_dir=tmp_path)
+    assert world.parse_world_uri(vae) == ("portrait", "vae")
+
+
+def test_an_export_records_its_world_parts_pinned(tmp_path, monkeypatch):
+    from w2svd.export import CONFIG_FILE, save_generator_export, sampler_settings_for
+    from w2svd.models.hunyuan import build_backbone
+
+    monkeypatch.setenv("W2SVD_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config("portrait", ["model.teacher=null"])
+    folder = save_generator_export(build_backbone(cfg.model), tmp_path / "export", sampler_settings_for(cfg), cfg)
+    saved = load_config(str(folder / CONFIG_FILE))
+    assert saved.model.vae == f"world:portrait/vae@{world.vae_key(cfg)}"
+    assert world.resolve_world_uri(saved.model.vae).parent == world.PREBUILT_DIR
