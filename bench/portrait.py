@@ -366,7 +366,8 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
     floor = real_clips_report(cfg, log=log)["metrics"]
     sources, points = {}, {}
     for method in settings.collapse_methods:
-        spec = Spec(method, settings.collapse_steps)
+        # The guard only records where it fires: a stop would cut the curve it is judged against.
+        spec = Spec(method, settings.collapse_steps, overrides=("health.drift_action=log",))
         run_dir = out / "collapse" / method
         for k in range(1, settings.collapse_points + 1):
             result = distill_run(settings, spec, settings.collapse_lr, latents, run_dir, k * every,
@@ -397,7 +398,7 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
 
 
 def drift_guard_record(out: Path, methods, gen_update_every: int) -> dict:
-    """Where the distill job's drift guard (``health.*``, log-only by default) fired in each
+    """Where the distill job's drift guard (``health.*``, set to log only here) fired in each
     collapse run, from the run's ``health.json`` (absent: it never fired), in the curves' units."""
     from pipelines.guards import HEALTH_FILE
 
