@@ -89,8 +89,10 @@ def test_world_uris_and_keys():
 
 
 def test_unbuilt_world_part_is_a_one_line_error_naming_the_build(tmp_path):
-    with pytest.raises(FileNotFoundError, match="w2svd world build --config portrait-fast"):
-        world.resolve_world_uri("world:portrait-fast/teacher", cache_dir=tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text("base: portrait\nworld: {teacher_steps: 7}\n")
+    with pytest.raises(FileNotFoundError, match=f"run `w2svd world build --config {other}`"):
+        world.resolve_world_uri(f"world:{other}/teacher", cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("part", world.PARTS)
@@ -186,7 +188,7 @@ def test_pinned_world_uris_keep_the_part_they_were_built_with(tmp_path):
 
 
 def test_an_export_records_its_world_parts_pinned(tmp_path, monkeypatch):
-    from w2svd.export import CONFIG_FILE, save_generator_export, sampler_settings_for
+    from w2svd.export import CONFIG_FILE, sampler_settings_for, save_generator_export
     from w2svd.models.hunyuan import build_backbone
 
     monkeypatch.setenv("W2SVD_CACHE_DIR", str(tmp_path / "cache"))
