@@ -179,5 +179,8 @@ def test_preencode_then_distill_as_ray_jobs(ray_head, tmp_path):
         names = {p.relative_to(package).parts[0] for p in package.rglob("*")}
         assert {"w2svd", "pipelines", "ray_job.yaml"} <= names, names
         assert not names & {".venv", ".git", "runs", "mlruns", "tests", "docs", ".pytest_cache"}, names
+        # Weights stay out, except the committed portrait world's (w2svd/worlds/).
+        weights = {p.relative_to(package).parts[:2] for p in package.rglob("*.safetensors")}
+        assert weights == {("w2svd", "worlds")}, weights
         size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
         assert size < 20 * 2**20, f"uploaded {size / 2**20:.1f} MiB"
