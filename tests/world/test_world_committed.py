@@ -54,3 +54,19 @@ def test_committed_teacher_draws_faces_that_random_weights_do_not(fresh_cache):
     assert rate["random"] == 0.0
     assert rate["teacher"] >= 0.25, rate
     assert clips["teacher"].shape == real.shape
+
+
+@pytest.mark.timeout(300)
+def test_committed_i2v_teacher_follows_its_reference_image(fresh_cache):
+    from pipelines.evaluate import sample_clips, teacher_source
+    from w2svd.metrics.vbench import i2v_subject_consistency
+
+    cfg = load_config("portrait-i2v", [f"eval.num_prompts={PROMPTS}"])
+    assert world.resolve_world_uri("world:portrait-i2v/teacher").parent == world.PREBUILT_DIR
+    steps = cfg.method.teacher_steps
+    real, clips = sample_clips({"teacher": teacher_source("portrait-i2v", steps, "portrait-i2v"),
+                                "random": teacher_source("portrait-i2v", steps, "portrait-i2v",
+                                                         ["model.teacher=null"])}, cfg, PROMPTS)
+    score = {k: i2v_subject_consistency(v, real[:, 0]) for k, v in clips.items()}
+    # The reference is each item's first real frame; random weights get it too and ignore it.
+    assert score["teacher"] >= 0.85 and score["teacher"] > score["random"] + 0.2, score

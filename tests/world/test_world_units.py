@@ -95,15 +95,16 @@ def test_unbuilt_world_part_is_a_one_line_error_naming_the_build(tmp_path):
         world.resolve_world_uri(f"world:{other}/teacher", cache_dir=tmp_path)
 
 
+@pytest.mark.parametrize("config", ["portrait", "portrait-i2v"])
 @pytest.mark.parametrize("part", world.PARTS)
-def test_committed_world_parts_match_the_portrait_config(tmp_path, part):
-    """The demo and the evaluation tests use the committed portrait world on a fresh machine: an
-    edit to portrait.yaml that changes what a part depends on must come with a rebuilt part."""
-    folder = world.resolve_world_uri(f"world:portrait/{part}", cache_dir=tmp_path)
+def test_committed_world_parts_match_the_portrait_configs(tmp_path, config, part):
+    """The demo and the evaluation tests use the committed portrait worlds on a fresh machine: an
+    edit to a config that changes what a part depends on must come with a rebuilt part."""
+    folder = world.resolve_world_uri(f"world:{config}/{part}", cache_dir=tmp_path)
     assert folder.parent == world.PREBUILT_DIR, (
-        f"no committed {part} for the current portrait.yaml: run `w2svd world build --config portrait` and "
+        f"no committed {part} for the current {config}.yaml: run `w2svd world build --config {config}` and "
         f"commit its folder (without latents/) under w2svd/worlds/")
-    assert json.loads((folder / world.REPORT_FILE).read_text())["key"] == world.part_key(load_config("portrait"), part)
+    assert json.loads((folder / world.REPORT_FILE).read_text())["key"] == world.part_key(load_config(config), part)
 
 
 def test_teacher_key_ignores_distillation_only_settings():
