@@ -38,17 +38,23 @@ def test_committed_vae_reconstructs_unseen_clips_with_their_faces(fresh_cache):
     assert np.mean([face_detection_rate(c[None]) for c in rec]) >= real_rate - 0.25
 
 
+def committed_teacher_and_random_weights(config: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The first ``PROMPTS`` real clips of ``config``'s evaluation set, and the 28-step samples of
+    its committed teacher and of random weights of the same architecture for the same prompts."""
+    from pipelines.evaluate import sample_clips, teacher_source
+
+    cfg = load_config(config, [f"eval.num_prompts={PROMPTS}"])
+    assert world.resolve_world_uri(f"world:{config}/teacher").parent == world.PREBUILT_DIR
+    steps = cfg.method.teacher_steps
+    return sample_clips({"teacher": teacher_source(config, steps, config),
+                         "random": teacher_source(config, steps, config, ["model.teacher=null"])}, cfg, PROMPTS)
+
+
 @pytest.mark.timeout(300)
 def test_committed_teacher_draws_faces_that_random_weights_do_not(fresh_cache):
-    from pipelines.evaluate import sample_clips, teacher_source
     from w2svd.metrics import face_detection_rate
 
-    cfg = load_config("portrait", [f"eval.num_prompts={PROMPTS}"])
-    assert world.resolve_world_uri("world:portrait/teacher").parent == world.PREBUILT_DIR
-    steps = cfg.method.teacher_steps
-    real, clips = sample_clips({"teacher": teacher_source("portrait", steps, "portrait"),
-                                "random": teacher_source("portrait", steps, "portrait", ["model.teacher=null"])},
-                               cfg, PROMPTS)
+    real, clips = committed_teacher_and_random_weights("portrait")
     rate = {k: float(np.mean([face_detection_rate(c[None]) for c in v])) for k, v in clips.items()}
     # Measured when committed: teacher 0.43, random weights 0.00, the real clips 0.65.
     assert rate["random"] == 0.0
@@ -58,15 +64,9 @@ def test_committed_teacher_draws_faces_that_random_weights_do_not(fresh_cache):
 
 @pytest.mark.timeout(300)
 def test_committed_i2v_teacher_follows_its_reference_image(fresh_cache):
-    from pipelines.evaluate import sample_clips, teacher_source
     from w2svd.metrics.vbench import i2v_subject_consistency
 
-    cfg = load_config("portrait-i2v", [f"eval.num_prompts={PROMPTS}"])
-    assert world.resolve_world_uri("world:portrait-i2v/teacher").parent == world.PREBUILT_DIR
-    steps = cfg.method.teacher_steps
-    real, clips = sample_clips({"teacher": teacher_source("portrait-i2v", steps, "portrait-i2v"),
-                                "random": teacher_source("portrait-i2v", steps, "portrait-i2v",
-                                                         ["model.teacher=null"])}, cfg, PROMPTS)
+    real, clips = committed_teacher_and_random_weights("portrait-i2v")
     score = {k: i2v_subject_consistency(v, real[:, 0]) for k, v in clips.items()}
     # The reference is each item's first real frame; random weights get it too and ignore it.
     assert score["teacher"] >= 0.85 and score["teacher"] > score["random"] + 0.2, score
