@@ -70,15 +70,15 @@ def build_teacher(config: str, log=print, force: bool = False, check: bool = Tru
     from pipelines.training import train
 
     cfg = load_config(config)
-    final, prebuilt = world.part_location(config, "teacher")
-    for folder in ([] if force else [final, prebuilt]):
-        if folder is not None and (folder / world.REPORT_FILE).is_file():
-            log(f"[world] teacher: using {folder}")
-            report = json.loads((folder / world.REPORT_FILE).read_text())
-            if check and "check" not in report and folder == final:  # a build stopped before its check
-                report["check"] = check_teacher(config, final, log)
-                (final / world.REPORT_FILE).write_text(json.dumps(report, indent=2))
-            return folder, report
+    final, _ = world.part_location(config, "teacher")
+    folder = None if force else world.built_part("teacher", world.teacher_key(cfg))
+    if folder is not None:
+        log(f"[world] teacher: using {folder}")
+        report = json.loads((folder / world.REPORT_FILE).read_text())
+        if check and "check" not in report and folder == final:  # a build stopped before its check
+            report["check"] = check_teacher(config, final, log)
+            (final / world.REPORT_FILE).write_text(json.dumps(report, indent=2))
+        return folder, report
     t0 = time.time()
     work = final.with_name(final.name + ".work")
     raw, latents, run = work / "raw", work / LATENTS_DIR, work / "finetune"
@@ -172,7 +172,10 @@ def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = Tru
 def latents_location(config: str) -> Path | None:
     """The teacher's training shards: in its folder (a build here), or encoded again beside the
     cache folder (a committed teacher ships without them); ``None`` if neither exists."""
-    cached, prebuilt = world.part_location(config, "teacher")
+    return _latents_in(*world.part_location(config, "teacher"))
+
+
+def _latents_in(cached: Path, prebuilt: Path | None) -> Path | None:
     for folder in (cached / LATENTS_DIR, prebuilt and prebuilt / LATENTS_DIR, _reencoded(cached)):
         if folder and (folder / shards.SUMMARY).is_file():  # written once the stage has finished
             return folder
@@ -189,11 +192,11 @@ def teacher_latents(config: str, log=print) -> Path:
     from pipelines import preencode
     from pipelines.startup import init_ray
 
-    found = latents_location(config)
+    cached, prebuilt = world.part_location(config, "teacher")
+    found = _latents_in(cached, prebuilt)
     if found is not None:
         return found
     cfg = load_config(config)
-    cached, _ = world.part_location(config, "teacher")
     out = _reencoded(cached)
     log(f"[world] the teacher's shards are not here; encoding its {cfg.world.data_clips} clips again into {out}")
     raw = write_clips(cfg, out.parent / "raw", log)
@@ -205,8 +208,8 @@ def teacher_latents(config: str, log=print) -> Path:
 def show(config: str) -> dict:
     out = {}
     for part in world.PARTS:
-        cached, prebuilt = world.part_location(config, part)
-        folder = next((f for f in (cached, prebuilt) if f is not None and (f / world.REPORT_FILE).is_file()), None)
+        cached, _ = world.part_location(config, part)
+        folder = world.built_part(part, world.part_key(load_config(config), part))
         out[part] = {"path": str(folder or cached), "built": folder is not None}
         if folder is not None:
             report = json.loads((folder / world.REPORT_FILE).read_text())

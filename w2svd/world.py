@@ -146,10 +146,17 @@ def world_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def part_location(config: str, part: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
     """(the cache folder of a part, the prebuilt folder with the same key if one is committed)."""
-    cfg = load_config(config)
-    name = part_dir_name(part, part_key(cfg, part))
+    name = part_dir_name(part, part_key(load_config(config), part))
     prebuilt = PREBUILT_DIR / name
     return world_cache_root(cache_dir) / name, prebuilt if prebuilt.is_dir() else None
+
+
+def built_part(part: str, key: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The finished folder of ``part`` built with settings ``key``: the cache's, else the committed
+    one; ``None`` if neither has its report (a half-built folder never counts)."""
+    name = part_dir_name(part, key)
+    return next((f for f in (world_cache_root(cache_dir) / name, PREBUILT_DIR / name) if (f / REPORT_FILE).is_file()),
+                None)
 
 
 def pinned_key(uri: str) -> str | None:
@@ -164,21 +171,17 @@ def resolve_world_uri(uri: str, cache_dir: str | os.PathLike | None = None) -> P
     ``world:CONFIG/PART`` follows CONFIG's current settings; ``…@KEY`` is the part built with the
     settings of that key, whatever CONFIG says now (so an export keeps the VAE it was trained with)."""
     config, part = parse_world_uri(uri)
-    key = pinned_key(uri)
-    if key is not None:
-        name = part_dir_name(part, key)
-        for folder in (world_cache_root(cache_dir) / name, PREBUILT_DIR / name):
-            if (folder / REPORT_FILE).is_file():
-                return folder
-        raise FileNotFoundError(f"{uri}: the {part} built with settings {key} is not here (world {config!r} now "
+    pinned = pinned_key(uri)
+    key = pinned or part_key(load_config(config), part)
+    found = built_part(part, key, cache_dir)
+    if found is not None:
+        return found
+    if pinned is not None:
+        raise FileNotFoundError(f"{uri}: the {part} built with settings {pinned} is not here (world {config!r} now "
                                 f"builds {part_dir_name(part, part_key(load_config(config), part))}); build it with "
                                 "the settings it was built with, or retrain on the current world")
-    cached, prebuilt = part_location(config, part, cache_dir)
-    for folder in (cached, prebuilt):
-        if folder is not None and (folder / REPORT_FILE).is_file():
-            return folder
-    raise FileNotFoundError(f"{uri}: the {part} of world {config!r} is not built (looked for {cached.name}); "
-                            f"run `w2svd world build --config {config}`")
+    raise FileNotFoundError(f"{uri}: the {part} of world {config!r} is not built (looked for "
+                            f"{part_dir_name(part, key)}); run `w2svd world build --config {config}`")
 
 
 def world_part_id(uri: str) -> str:
@@ -383,12 +386,11 @@ def build_world_vae(config: str, cache_dir: str | os.PathLike | None = None, log
                     force: bool = False) -> tuple[Path, dict]:
     """The config's VAE folder, trained and cached unless a folder with its key exists."""
     cfg = load_config(config)
-    cached, prebuilt = part_location(config, "vae", cache_dir)
-    if not force:
-        for folder in (cached, prebuilt):
-            if folder is not None and (folder / REPORT_FILE).is_file():
-                log(f"[world] vae: using {folder}")
-                return folder, json.loads((folder / REPORT_FILE).read_text())
+    cached, _ = part_location(config, "vae", cache_dir)
+    found = None if force else built_part("vae", vae_key(cfg), cache_dir)
+    if found is not None:
+        log(f"[world] vae: using {found}")
+        return found, json.loads((found / REPORT_FILE).read_text())
     cached.parent.mkdir(parents=True, exist_ok=True)
     log(f"[world] vae: training {cached.name} ({cfg.world.vae_steps} steps)")
     vae, report = train_vae(cfg, log)
