@@ -340,7 +340,7 @@ def plot_bars(rows: list[dict], out: Path) -> list[Path]:
 def write_strips(sources: dict[str, dict], cfg, out: Path, count: int) -> None:
     """Per source a strip (real clips above its samples for the same prompts and noise) and one
     overview of all, on the first ``count`` items of the report set."""
-    from pipelines.evaluate import sample_clips, write_sample_strip
+    from pipelines.sample_strips import sample_clips, write_sample_strip
 
     real, clips = sample_clips(sources, cfg, count)
     for label, c in clips.items():

@@ -67,7 +67,7 @@ def load_world_latents(teacher_dir: Path):
 def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path, log=print) -> dict:
     import torch
 
-    from pipelines.evaluate import write_sample_strip
+    from pipelines.sample_strips import write_sample_strip
     from w2svd.baselines import flow_matching_step
     from w2svd.config import load_config
     from w2svd.generate import load_teacher_bundle

@@ -34,21 +34,11 @@ from pipelines.tracking import registry_uri
 from w2svd.config import Config, EvalConfig, load_config
 from w2svd.evalset import EvalSet, build_evalset, reference_clips, reference_factors
 from w2svd.metrics.domain import ensure_domain_encoder
+from w2svd.metrics.scores import clip_scores, score_backends
 
 FVD_KEY = "fvd/domain"
-FACE_KEY = "face_detection_rate"
-FACTOR_KEY = "factor_agreement"
-# Image-to-video models only: the clip against its reference image (the evaluation item's first
-# real frame), the paper's "i2v" column (w2svd.metrics.vbench.i2v_subject_consistency, a proxy).
-I2V_KEY = "i2v_consistency"
-I2V_FIRST_KEY = "i2v_first_frame_ssim"  # the first frame alone against the reference
-# Caption factors checked from the pixels (blink timing is left out: a generated clip has no
-# "true" blink frames, only the caption's "blinking").
-FACTOR_KEYS = ("talking", "blink", "skin_tone", "hair_color", "background")
 # The real-vs-real floor's second draw of synthetic portraits: eval.factor_seed + this.
 REAL_FLOOR_OFFSET = 7919
-VBENCH_DIMS = ("dynamic_degree", "temporal_flickering", "motion_smoothness", "subject_consistency",
-               "background_consistency", "aesthetic_quality", "imaging_quality")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,32 +109,6 @@ class GenerateClips:
                 clips[i], conditioned[i] = clip, bundle.image_to_video
         return {"label": np.array(labels, dtype=object), "index": batch["index"], "clip": np.stack(clips),
                 "reference": batch["reference"], "image_conditioned": np.array(conditioned)}
-
-
-def clip_scores(clip_THWC: np.ndarray, fps: float, factors: dict | None = None,
-                reference: np.ndarray | None = None) -> dict[str, float]:
-    """Per-clip values whose mean over clips is the set's value (every metric here is one).
-
-    With the item's synthetic ``factors`` also the agreement of the clip with its caption
-    (``factor/<name>``: talking, blink, skin tone, hair colour, background; 0 or 1 per clip) and
-    their mean ``factor_agreement``; with the ``reference`` image of an image-to-video model, its
-    ``i2v_consistency``."""
-    from w2svd.metrics import face_detection_rate, vbench_report
-    from w2svd.metrics.clips import gray_frames_THW
-    from w2svd.metrics.portrait import clip_factor_agreement
-    from w2svd.metrics.vbench import i2v_subject_consistency, ssim
-
-    report = vbench_report(clip_THWC[None], fps=fps, dimensions=list(VBENCH_DIMS))
-    scores = {name: float(entry["value"]) for name, entry in report.items()}
-    scores[FACE_KEY] = float(face_detection_rate(clip_THWC[None]))
-    if factors is not None:
-        agreement = {k: v for k, v in clip_factor_agreement(clip_THWC, factors).items() if k in FACTOR_KEYS}
-        scores |= {f"factor/{k}": float(v) for k, v in agreement.items()}
-        scores[FACTOR_KEY] = float(np.mean(list(agreement.values())))
-    if reference is not None:
-        scores[I2V_KEY] = i2v_subject_consistency(clip_THWC[None], reference[None])
-        scores[I2V_FIRST_KEY] = ssim(*gray_frames_THW(np.stack([reference, clip_THWC[0]])))
-    return scores
 
 
 class ComputeMetrics:
@@ -263,56 +227,9 @@ def real_clips_report(cfg: Config, log=print) -> dict:
     return report
 
 
-def sample_clips(sources: dict[str, dict], cfg: Config, count: int = 4) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The first ``count`` real clips of the evaluation set and each source's clips for the same
-    prompts and noise (in this process: for pictures, not for numbers). A label may name the
-    loaded sampler's ``{steps}`` and ``{method}``."""
-    evalset = build_evalset(cfg.eval)
-    items = evalset.items[:count]
-    real = reference_clips(evalset).numpy()[:count]
-    clips = {}
-    for label, source in sources.items():
-        bundle = load_source(source, device="cpu")
-        label = label.format(steps=bundle.settings.steps, method=bundle.settings.method)
-        images = list(real[:, 0]) if bundle.image_to_video else None
-        clips[label] = bundle.generate([it.prompt for it in items], [it.seed for it in items], items[0].num_frames,
-                                       items[0].height, items[0].width, images=images).numpy()
-    return real, clips
-
-
-def strip_sources(source: dict, cfg: Config, config: str, overrides: list[str]) -> dict[str, dict]:
-    """The rows of a sample strip for ``source``: the config's teacher at ``method.teacher_steps``
-    first (the reference a distilled model is read against), then ``source`` itself."""
-    rows = {}
-    if cfg.model.teacher and source["kind"] != "teacher":
-        rows["teacher\nEuler {steps} steps"] = teacher_source(config, cfg.method.teacher_steps, config, overrides)
-    rows["teacher\nEuler {steps} steps" if source["kind"] == "teacher" else "generator ({method})\n{steps} steps"] = source
-    return rows
-
-
-def write_sample_strip(path: str | Path, real: np.ndarray, rows: dict[str, np.ndarray], scale: int = 2) -> Path:
-    """A PNG: real clips in the first row, then one row per model (frames left to right)."""
-    from w2svd.data.video import encode_png
-    from w2svd.previews import sample_grid
-
-    grid = sample_grid([("real clips", real), *rows.items()], clips=len(real), scale=scale,
-                       label_width=150 if scale > 1 else 110)
-    Path(path).write_bytes(encode_png(grid))
-    return Path(path)
-
-
 def build_report(source: dict, evalset: EvalSet, e: EvalConfig, encoder_path: str, encoder_sha: str,
                  metrics: dict, per_item: dict, seconds: float) -> dict:
-    from w2svd.metrics.vbench import DIMENSIONS
-
-    backends = {name: DIMENSIONS[name].backend for name in VBENCH_DIMS}
-    backends[FVD_KEY] = f"domain-encoder sha256:{encoder_sha[:16]}"
-    backends[FACE_KEY] = "opencv-haar"
-    if I2V_KEY in metrics:
-        backends[I2V_KEY] = "offline-proxy: SSIM on luma instead of DINO (w2svd.metrics.vbench)"
-        backends[I2V_FIRST_KEY] = "SSIM of the first frame's luma against the reference's"
-    if FACTOR_KEY in metrics:
-        backends[FACTOR_KEY] = "pixel checks of the synthetic factors (w2svd.metrics.portrait)"
+    backends = {FVD_KEY: f"domain-encoder sha256:{encoder_sha[:16]}", **score_backends(metrics)}
     return {
         "model": {**source, "description": describe_source(source)},
         "evalset": {"fingerprint": evalset.fingerprint(), "num_prompts": len(evalset), "num_frames": e.num_frames,
@@ -414,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(report, indent=2))
         print(f"[evaluate] report written to {out}")
         if args.strip:
+            from pipelines.sample_strips import sample_clips, strip_sources, write_sample_strip
+
             write_sample_strip(args.strip, *sample_clips(strip_sources(source, cfg, args.config, args.overrides),
                                                          cfg, args.strip_clips))
             print(f"[evaluate] sample strip written to {args.strip}")

@@ -110,7 +110,8 @@ def build_teacher(config: str, log=print, force: bool = False, check: bool = Tru
 
 def check_teacher(config: str, folder: Path, log=print) -> dict:
     """The teacher's 28- and 1-step samples through the evaluation job, beside real clips."""
-    from pipelines.evaluate import FACE_KEY, FVD_KEY, evaluate_sources, real_clips_report, teacher_source
+    from pipelines.evaluate import FVD_KEY, evaluate_sources, real_clips_report, teacher_source
+    from w2svd.metrics.scores import FACE_KEY
 
     cfg = load_config(config)
     steps = cfg.method.teacher_steps
@@ -134,7 +135,8 @@ def check_teacher(config: str, folder: Path, log=print) -> dict:
 
 def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, steps: int, count: int = 4) -> Path:
     """Real clips (the evaluation's references) beside the teacher's samples at ``steps`` and 1 step."""
-    from pipelines.evaluate import sample_clips, teacher_source, write_sample_strip
+    from pipelines.evaluate import teacher_source
+    from pipelines.sample_strips import sample_clips, write_sample_strip
 
     real, clips = sample_clips({f"teacher\nEuler {n} steps": teacher_source(teacher, n, config) for n in (steps, 1)},
                                cfg, count)
@@ -143,7 +145,7 @@ def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, step
 
 def write_vae_strip(config: str, vae_dir: Path, path: Path, count: int = 4) -> Path:
     """Unseen clips (the VAE's test seeds) above ``world.round_trip`` of the saved weights."""
-    from pipelines.evaluate import write_sample_strip
+    from pipelines.sample_strips import write_sample_strip
     from w2svd.data.buckets import clips_from_model_output
 
     cfg = load_config(config)

@@ -5,9 +5,10 @@ that reference) while a text-to-video model in the same run does not."""
 import numpy as np
 import pytest
 
-from pipelines.evaluate import I2V_FIRST_KEY, I2V_KEY, clip_scores, evaluate_sources, teacher_source
+from pipelines.evaluate import evaluate_sources, teacher_source
 from w2svd.config import load_config
 from w2svd.evalset import build_evalset, reference_clips
+from w2svd.metrics.scores import I2V_FIRST_KEY, I2V_KEY, clip_scores
 
 I2V = ["model.family=hunyuan-i2v", "model.arch.in_channels=33", "model.arch.guidance_embeds=false",
        "model.arch.image_condition_type=latent_concat", "method.guidance=cfg", "model.teacher=null"]

@@ -41,7 +41,8 @@ def test_committed_vae_reconstructs_unseen_clips_with_their_faces(fresh_cache):
 def committed_teacher_and_random_weights(config: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The first ``PROMPTS`` real clips of ``config``'s evaluation set, and the 28-step samples of
     its committed teacher and of random weights of the same architecture for the same prompts."""
-    from pipelines.evaluate import sample_clips, teacher_source
+    from pipelines.evaluate import teacher_source
+    from pipelines.sample_strips import sample_clips
 
     cfg = load_config(config, [f"eval.num_prompts={PROMPTS}"])
     assert world.resolve_world_uri(f"world:{config}/teacher").parent == world.PREBUILT_DIR
