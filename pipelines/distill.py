@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from pipelines.ema import GeneratorEMA
+from pipelines.ema import WeightEMA
 from pipelines.engines import check_zero3_sharing, make_role_engines
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
@@ -41,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     shares_base = cfg.method.generator == "lora"
     critic, generator = make_role_engines(roles, cfg, load_universal=s.reshaped)
     trained = [critic, generator]
-    ema = GeneratorEMA(generator.params, cfg.method.generator_ema) if cfg.method.generator_ema > 0 else None
+    ema = WeightEMA(generator.params, cfg.method.generator_ema) if cfg.method.generator_ema > 0 else None
     s.count_memory(roles)
     s.restore(trained, ema=ema)
 

@@ -1,6 +1,7 @@
-"""An exponential moving average of the generator's trained parameters (``method.generator_ema``).
+"""An exponential moving average of a role's trained parameters: the generator's in
+distillation (``method.generator_ema``), the teacher's in a fine-tune (``optim.finetune_ema``).
 
-    θ_ema ← d·θ_ema + (1 − d)·θ        after every generator update
+    θ_ema ← d·θ_ema + (1 − d)·θ        after every update of those parameters
 
 Kept in fp32 over the values this rank holds (``engines.local_values``: a ZeRO-3 partition, or
 the whole parameter), so it costs one copy of this rank's share and needs no collective. For
@@ -20,7 +21,7 @@ from pipelines.collectives import world
 from pipelines.engines import local_values
 
 
-class GeneratorEMA:
+class WeightEMA:
     def __init__(self, params: list[nn.Parameter], decay: float):
         assert 0.0 < decay < 1.0, decay
         self.params, self.decay = list(params), decay

@@ -3,14 +3,17 @@
     w2svd finetune --config debug --data LATENTS --run-dir RUN [optim.finetune_lora_rank=8 …]
     python -m pipelines.finetune …            # the same program
 
-The export (``RUN_DIR/export``) is a diffusers-layout teacher with its N-step Euler sampler:
+The export (``RUN_DIR/export``) is a diffusers-layout teacher with its N-step Euler sampler (the
+EMA of its weights with ``optim.finetune_ema`` > 0):
 ``w2svd distill … model.teacher=RUN_DIR/export`` distills it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
+from pipelines.ema import WeightEMA
 from pipelines.training import main as training_main
 from pipelines.worker import WorkerSession
 from w2svd.baselines import flow_matching_step
@@ -37,10 +40,12 @@ def train_loop_per_worker(config: dict) -> None:
         model_view, params = View(teacher), list(teacher.parameters())
     model = s.engine("teacher", [teacher], [(params, o.finetune_lr)], betas=o.finetune_betas)
     trained = [model]
+    ema = WeightEMA(params, o.finetune_ema) if o.finetune_ema > 0 else None
     s.count_memory(teacher)
-    s.restore(trained)
+    s.restore(trained, ema=ema)
     settings = sampler_settings_for(cfg, role="teacher")
-    validation_samples = s.previews_of(model_view, settings)
+    exported = ema.applied if ema is not None else contextlib.nullcontext
+    validation_samples = s.previews_of(model_view, settings, exported)
 
     shift = m.shift if o.finetune_sigma_shift is None else o.finetune_sigma_shift
     batches = s.batches()
@@ -56,11 +61,14 @@ def train_loop_per_worker(config: dict) -> None:
             if not s.healthy_before_update(metrics):
                 break
             grad_norms["teacher"] = model.step()
-        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples):
+            if ema is not None:
+                ema.update()
+        if not s.after_step(metrics, grad_norms, trained, sample=validation_samples, ema=ema):
             break
     else:
-        s.export(lambda folder: save_generator_export(teacher, folder, settings, cfg,
-                                                      adapter=ADAPTER if lora else None), [teacher])
+        with exported():
+            s.export(lambda folder: save_generator_export(teacher, folder, settings, cfg,
+                                                          adapter=ADAPTER if lora else None), [teacher])
     s.finish(trained)
 
 

@@ -206,6 +206,11 @@ class OptimConfig:
     # Fine-tune only: the density the training sigmas are drawn from before the shift,
     # logit_normal (SD3's) or uniform (more draws near sigma 1; w2svd.schedule.sample_training_sigmas).
     finetune_sigma_density: Literal["logit_normal", "uniform"] = "logit_normal"
+    # Fine-tune only: the decay of an EMA of the teacher's trained weights, which the export
+    # holds (0: the last weights). At a high rate the last weights are noisy: on the portrait
+    # world an average of its last three checkpoints raised the face rate from 0.33 to 0.40
+    # (docs/benchmarks.md, "Portrait world").
+    finetune_ema: float = 0.0
 
 
 @dataclass

@@ -55,6 +55,7 @@ def validate(cfg: Config) -> None:
     _check(o.finetune_lora_rank >= 0, "optim.finetune_lora_rank must be >= 0 (0 = full fine-tune)")
     _check(o.finetune_lr > 0, "optim.finetune_lr must be positive")
     _check(0.0 <= o.finetune_uncond_prob < 1.0, "optim.finetune_uncond_prob must lie in [0, 1)")
+    _check(0.0 <= o.finetune_ema < 1.0, "optim.finetune_ema must lie in [0, 1)")
     _check(o.finetune_sigma_shift is None or o.finetune_sigma_shift > 0,
            f"optim.finetune_sigma_shift = {o.finetune_sigma_shift} must be positive (or null: method.shift)")
     h = cfg.health

@@ -111,19 +111,24 @@ def vae_key(cfg: Config) -> str:
 TEACHER_METHOD_FIELDS = ("shift", "lora_targets", "guidance", "guidance_scale", "teacher_steps")
 # Optimiser settings of the distillation roles only (the fine-tune has finetune_* of its own).
 DISTILL_ONLY_OPTIM_FIELDS = ("generator_lr", "critic_lr", "disc_lr", "generator_lr_schedule", "betas")
+# Settings added after teachers were committed, hashed only away from the value that reproduces
+# how those teachers were built (so adding a setting does not orphan every committed teacher).
+LATER_OPTIM_FIELDS = {"finetune_ema": 0.0}
 
 
 def teacher_key(cfg: Config) -> str:
     """Hash of what the fine-tuned teacher depends on: its VAE, the text encoders, the data, the
-    model, parallel and world sections, the optimiser's without ``DISTILL_ONLY_OPTIM_FIELDS`` and
-    the method's ``TEACHER_METHOD_FIELDS`` (the teacher itself left out)."""
+    model, parallel and world sections, the optimiser's without ``DISTILL_ONLY_OPTIM_FIELDS`` (and
+    ``LATER_OPTIM_FIELDS`` at their old behaviour) and the method's ``TEACHER_METHOD_FIELDS`` (the
+    teacher itself left out)."""
     from w2svd.config import to_dict
     from w2svd.models.encoders import encoder_ids
 
     raw = to_dict(cfg)
     raw["model"]["teacher"] = None
     raw["method"] = {k: raw["method"][k] for k in TEACHER_METHOD_FIELDS}
-    raw["optim"] = {k: v for k, v in raw["optim"].items() if k not in DISTILL_ONLY_OPTIM_FIELDS}
+    raw["optim"] = {k: v for k, v in raw["optim"].items() if k not in DISTILL_ONLY_OPTIM_FIELDS
+                    and not (k in LATER_OPTIM_FIELDS and v == LATER_OPTIM_FIELDS[k])}
     keep = {k: raw[k] for k in ("model", "method", "data", "optim", "parallel", "world")}
     return _digest({"vae": vae_key(cfg), "text": encoder_ids(cfg)[1], "config": keep})
 

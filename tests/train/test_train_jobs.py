@@ -278,6 +278,32 @@ def test_finetune_lowers_the_flow_matching_loss(services, latents_dir, tmp_path)
     assert loss(after) < 0.92 * loss(before)  # 6 steps; ~0.88 measured
 
 
+def test_finetune_exports_the_ema_of_its_weights(services, latents_dir, tmp_path):
+    """Two updates at decay ½ from the initial weights θ0: the export holds ¼θ0 + ¼θ1 + ½θ2, where
+    θ1 and θ2 are the trained weights of the step checkpoints."""
+    run_dir = tmp_path / "finetune-ema"
+    code = finetune.main(["--config", "debug", "--data", latents_dir, "--run-dir", str(run_dir),
+                          *COMMON, "optim.steps=2", "optim.finetune_lr=0.01", "optim.finetune_ema=0.5",
+                          "optim.checkpoint_every=1", "optim.sample_every=2",
+                          f"tracking.tracking_uri={services['mlflow']}"])
+    assert code == 0
+
+    def weights(step: int) -> dict[str, torch.Tensor]:
+        states = torch.load(run_dir / "train" / f"checkpoint_step{step:08d}" / "teacher" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)["module"]
+        return {k.removeprefix("0.transformer."): v.float() for k, v in states.items()}
+
+    theta0 = {k: v.float() for k, v in build_backbone(load_config("debug").model).transformer.state_dict().items()}
+    theta1, theta2 = weights(1), weights(2)
+    exported = {k: v.float() for k, v in load_generator(run_dir / "export")[0].transformer.state_dict().items()}
+    moved = [k for k in exported if not torch.equal(theta2[k], theta1[k])]
+    assert moved, "the fine-tune did not change the weights"
+    for k in moved:
+        torch.testing.assert_close(exported[k], 0.25 * theta0[k] + 0.25 * theta1[k] + 0.5 * theta2[k],
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(exported[k], theta2[k])
+
+
 def test_distill_refuses_euler(tmp_path, capsys):
     assert distill.main(["--config", "debug", "--data", str(tmp_path), "--run-dir", str(tmp_path),
                          "method.name=euler"]) == 2

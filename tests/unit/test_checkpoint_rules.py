@@ -7,7 +7,7 @@ import torch
 
 from pipelines import checkpoint
 from pipelines.collectives import backend_device
-from pipelines.ema import GeneratorEMA
+from pipelines.ema import WeightEMA
 from pipelines.engines import Trained, param_stats
 
 
@@ -53,7 +53,7 @@ def test_a_rollback_resumes_from_the_newest_checkpoint_written_in_band(tmp_path)
 
 def test_generator_ema_follows_its_equation_and_swaps_in_for_a_block():
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = GeneratorEMA([p], decay=0.5)
+    ema = WeightEMA([p], decay=0.5)
     for value in (1.0, 3.0):
         with torch.no_grad():
             p.fill_(value)
@@ -62,11 +62,11 @@ def test_generator_ema_follows_its_equation_and_swaps_in_for_a_block():
     with ema.applied():
         torch.testing.assert_close(p.detach(), torch.full((3,), 1.75))
     torch.testing.assert_close(p.detach(), torch.full((3,), 3.0))  # its own values back
-    other = GeneratorEMA([torch.nn.Parameter(torch.ones(3))], decay=0.5)
+    other = WeightEMA([torch.nn.Parameter(torch.ones(3))], decay=0.5)
     other.load_state_dict(ema.state_dict())
     torch.testing.assert_close(other.shadow[0], ema.shadow[0])
     with pytest.raises(ValueError, match="other parameter partitions"):
-        GeneratorEMA([torch.nn.Parameter(torch.ones(4))], 0.5).load_state_dict(ema.state_dict())
+        WeightEMA([torch.nn.Parameter(torch.ones(4))], 0.5).load_state_dict(ema.state_dict())
 
 
 def test_collectives_use_the_backends_device():
@@ -78,14 +78,14 @@ def test_collectives_use_the_backends_device():
 def test_ema_shares_of_another_world_reassemble():
     # Whole parameters (ZeRO <= 2): every rank holds the same shadow, rank 0's is taken.
     p = torch.nn.Parameter(torch.zeros(2, 3))
-    ema = GeneratorEMA([p], decay=0.5)
+    ema = WeightEMA([p], decay=0.5)
     shares = [{"decay": 0.5, "shadow": [torch.full((2, 3), 7.0)]}, {"decay": 0.5, "shadow": [torch.full((2, 3), 7.0)]}]
     ema.load_shares(shares)
     torch.testing.assert_close(ema.shadow[0], torch.full((2, 3), 7.0))
     # A ZeRO-3 parameter of 5 values kept by 2 ranks as 3 + 2 values; now one rank holds all 5.
     q = torch.nn.Parameter(torch.zeros(5))
     q.ds_tensor, q.ds_numel = torch.zeros(5), 5
-    ema = GeneratorEMA([q], decay=0.5)
+    ema = WeightEMA([q], decay=0.5)
     ema.load_shares([{"shadow": [torch.tensor([1.0, 2.0, 3.0])]}, {"shadow": [torch.tensor([4.0, 5.0])]}])
     torch.testing.assert_close(ema.shadow[0], torch.arange(1.0, 6.0))
 

@@ -111,8 +111,12 @@ def test_teacher_key_ignores_distillation_only_settings():
     cfg = load_config("portrait")
     for distill_only in ("method.gen_update_every=3", "method.alpha_weak=0.5", "optim.generator_lr=1e-5"):
         assert world.teacher_key(load_config("portrait", [distill_only])) == world.teacher_key(cfg), distill_only
-    for teacher_setting in ("method.shift=5", "optim.finetune_lr=1e-4", "model.arch.num_layers=3"):
+    for teacher_setting in ("method.shift=5", "optim.finetune_lr=1e-4", "model.arch.num_layers=3",
+                            "optim.finetune_ema=0.999"):
         assert world.teacher_key(load_config("portrait", [teacher_setting])) != world.teacher_key(cfg), teacher_setting
+    # A setting added later is hashed only away from its old behaviour: committed keys survive it.
+    for name, old_value in world.LATER_OPTIM_FIELDS.items():
+        assert world.teacher_key(load_config("portrait", [f"optim.{name}={old_value}"])) == world.teacher_key(cfg)
 
 
 def test_small_vae_builds_from_config_with_four_times_spatial_compression():
