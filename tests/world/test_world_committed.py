@@ -71,3 +71,20 @@ def test_committed_i2v_teacher_follows_its_reference_image(fresh_cache):
     score = {k: i2v_subject_consistency(v, real[:, 0]) for k, v in clips.items()}
     # The reference is each item's first real frame; random weights get it too and ignore it.
     assert score["teacher"] >= 0.85 and score["teacher"] > score["random"] + 0.2, score
+
+
+@pytest.mark.timeout(300)
+def test_motion_probe_reads_the_committed_teachers_change_between_latent_frames(fresh_cache, tmp_path):
+    import json
+
+    from bench import portrait_motion
+
+    assert portrait_motion.main(["--config", "portrait", "--out", str(tmp_path), "--prompts", "4"]) == 0
+    report = json.loads((tmp_path / "motion.json").read_text())
+    assert report["prompts"] == 4 and report["steps"] == load_config("portrait").method.teacher_steps
+    assert report["motion_real"] > 0 and report["motion_teacher"] >= 0
+    rows = {row["sigma"]: row for row in report["x0_prediction"]}
+    # Denoising recovers the real change beyond what the noised input carries (at σ 0.4: 0.64
+    # against 0.26 on 16 prompts when committed; a model that ignored its input could not).
+    assert rows[0.4]["change_cosine"] > rows[0.4]["input_change_cosine"] + 0.2, rows[0.4]
+    assert rows[0.05]["change_cosine"] > rows[0.95]["change_cosine"] + 0.3, rows
