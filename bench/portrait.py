@@ -10,10 +10,11 @@ world's shards, by the ``distill`` job (Ray Train + DeepSpeed) with the same num
 iterations, and every model is scored by the evaluation job (``pipelines/evaluate.py``: domain
 FVD, VBench-style dimensions, face detection rate, caption-factor agreement) beside real clips.
 
-Tuning protocol (fixed before any run): each trained method family (LCM, DMD2, W2SVD) is
-trained at ``tune_steps`` steps once per candidate learning rate of ``lrs`` (the generator's;
-LCM's student), and the candidate with the lowest domain FVD on the *tuning set* (the
-evaluation set drawn with ``eval.factor_seed`` and ``eval.seed`` + ``TUNE_OFFSET``: other
+Tuning protocol (fixed before any run): each trained family (LCM, DMD2, W2SVD, and W2SVD's
+shared-base mode, whose generator is a LoRA on the one base copy and so trains at rates of its
+own) is trained at ``tune_steps`` steps once per candidate learning rate of ``lrs`` (the
+generator's; LCM's student), and the candidate with the lowest domain FVD on the *tuning set*
+(the evaluation set drawn with ``eval.factor_seed`` and ``eval.seed`` + ``TUNE_OFFSET``: other
 prompts, other noise) is kept. Every reported number comes from the *report set* (the config's
 evaluation set). The other rows of a family (1 step, reg term, the α_weak sweep) use the
 family's chosen rate without tuning of their own, so no row is tuned more than another.
@@ -68,7 +69,9 @@ PAPER = {
                            imaging=.6909, flicker=.9953, avg=.7448),
 }
 # Weak-weight ablation at 4 steps (average only, read off the paper's figure; α 0 is DMD2's row).
-PAPER_ALPHA_AVG = {"alpha0": .8063, "alpha0.5": .8154, "alpha0.75": .7425}
+PAPER_ALPHA_AVG = {"alpha0": .8063, "alpha0.25": .8219, "alpha0.5": .8154, "alpha0.75": .7425}
+# Tuning families that are a mode of a method rather than a method: (method, variant, overrides).
+MODE_FAMILIES = {"w2svd-shared-base": ("w2svd", "shared-base", ("method.generator=lora",))}
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,17 @@ class Spec:
     def name(self) -> str:
         return f"{self.method}-{self.steps}step" + (f"-{self.variant}" if self.variant else "")
 
+    @property
+    def family(self) -> str:
+        """The tuning family whose chosen learning rate this run takes."""
+        mode = f"{self.method}-{self.variant}"
+        return mode if mode in MODE_FAMILIES else self.method
+
+    @classmethod
+    def of_family(cls, family: str, steps: int) -> Spec:
+        method, variant, overrides = MODE_FAMILIES.get(family, (family, "", ()))
+        return cls(method, steps, variant, overrides)
+
 
 @dataclass
 class Settings:
@@ -91,17 +105,18 @@ class Settings:
     # Iterations (optim.steps: critic updates for DMD2/W2SVD, student updates for LCM) of every run.
     budget: int = 120
     lrs: tuple[float, ...] = (1e-4, 3e-4)
-    tune_methods: tuple[str, ...] = ("lcm", "dmd2", "w2svd")
+    tune_methods: tuple[str, ...] = ("lcm", "dmd2", "w2svd", "w2svd-shared-base")
     tune_steps: int = 4
     euler_steps: tuple[int, ...] = (1, 4, 28)
     # The LCM student (a consistency model: one run) is also sampled at these step counts.
     lcm_steps: tuple[int, ...] = (1,)
+    # The rows beyond each family's tuning run: 1 step, the reg term, the α_weak sweep (the
+    # default, method.alpha_weak, is the plain W2SVD row), the shared-base mode at 1 step.
     extra: tuple[Spec, ...] = (
         Spec("dmd2", 1), Spec("w2svd", 1),
-        Spec("w2svd", 4, "reg", ("method.lambda_reg=0.5",)),
-        Spec("w2svd", 4, "alpha0", ("method.alpha_weak=0.0",)),
-        Spec("w2svd", 4, "alpha0.5", ("method.alpha_weak=0.5",)),
-        Spec("w2svd", 4, "alpha0.75", ("method.alpha_weak=0.75",)),
+        *(Spec("w2svd", n, "reg", ("method.lambda_reg=0.5",)) for n in (4, 1)),
+        *(Spec("w2svd", n, f"alpha{a:g}", (f"method.alpha_weak={a}",)) for n in (4, 1) for a in (0.0, 0.25, 0.5, 0.75)),
+        Spec.of_family("w2svd-shared-base", 1),
     )
     overrides: tuple[str, ...] = ()
     # Collapse study: these methods at collapse_steps, collapse_factor × budget iterations at the
@@ -207,29 +222,29 @@ def run_table(settings: Settings, out: Path, latents: str, log=print) -> dict:
     # 1. Tuning: every family × every candidate rate at tune_steps, scored on the tuning set.
     runs: dict[str, dict] = {}
     tuning = {}
-    for method in settings.tune_methods:
-        spec = Spec(method, settings.tune_steps)
+    for family in settings.tune_methods:
+        spec = Spec.of_family(family, settings.tune_steps)
         for lr in settings.lrs:
             name = f"{spec.name}-lr{lr:g}"
             runs[name] = distill_run(settings, spec, lr, latents, out / "runs" / name, settings.budget, log=log)
     tune_reports = evaluate_cached({name: model_source(r["export"]) for name, r in runs.items()}, tune_cfg,
                                    out / "evals" / "tuning", log)
     chosen = {}
-    for method in settings.tune_methods:
-        candidates = {lr: tune_reports[f"{method}-{settings.tune_steps}step-lr{lr:g}"]["metrics"][FVD]
-                      for lr in settings.lrs}
-        chosen[method] = min(candidates, key=candidates.get)
-        tuning[method] = {"fvd_domain_on_tuning_set": {f"{lr:g}": v for lr, v in candidates.items()},
-                          "chosen_lr": chosen[method], "tuning_floor": tune_floor[FVD]}
-        log(f"[portrait] tuning {method}: {tuning[method]}")
+    for family in settings.tune_methods:
+        spec = Spec.of_family(family, settings.tune_steps)
+        candidates = {lr: tune_reports[f"{spec.name}-lr{lr:g}"]["metrics"][FVD] for lr in settings.lrs}
+        chosen[family] = min(candidates, key=candidates.get)
+        tuning[family] = {"fvd_domain_on_tuning_set": {f"{lr:g}": v for lr, v in candidates.items()},
+                          "chosen_lr": chosen[family], "tuning_floor": tune_floor[FVD]}
+        log(f"[portrait] tuning {family}: {tuning[family]}")
 
     # 2. The other rows of each family, at its chosen rate.
     rows_runs: dict[str, tuple[Spec, dict]] = {}
-    for method in settings.tune_methods:
-        spec = Spec(method, settings.tune_steps)
-        rows_runs[spec.name] = (spec, runs[f"{spec.name}-lr{chosen[method]:g}"] | {"lr": chosen[method]})
+    for family in settings.tune_methods:
+        spec = Spec.of_family(family, settings.tune_steps)
+        rows_runs[spec.name] = (spec, runs[f"{spec.name}-lr{chosen[family]:g}"] | {"lr": chosen[family]})
     for spec in settings.extra:
-        lr = chosen.get(spec.method, settings.lrs[0])
+        lr = chosen.get(spec.family, settings.lrs[0])
         result = distill_run(settings, spec, lr, latents, out / "runs" / f"{spec.name}-lr{lr:g}", settings.budget,
                              log=log)
         rows_runs[spec.name] = (spec, result | {"lr": lr})

@@ -202,3 +202,22 @@ def test_an_export_records_its_world_parts_pinned(tmp_path, monkeypatch):
     saved = load_config(str(folder / CONFIG_FILE))
     assert saved.model.vae == f"world:portrait/vae@{world.vae_key(cfg)}"
     assert world.resolve_world_uri(saved.model.vae).parent == world.PREBUILT_DIR
+
+
+def test_portrait_table_has_every_row_the_paper_compares_and_tunes_each_family_once():
+    from bench import portrait
+
+    settings = portrait.Settings()
+    rows = {(s.method, s.steps, s.variant): s for s in
+            [portrait.Spec.of_family(f, settings.tune_steps) for f in settings.tune_methods] + list(settings.extra)}
+    for steps in (1, 4):
+        for method in ("lcm" if steps == 4 else None, "dmd2", "w2svd"):
+            assert method is None or (method, steps, "") in rows, (method, steps)
+        for variant in ("reg", "alpha0", "alpha0.25", "alpha0.5", "alpha0.75", "shared-base"):
+            assert ("w2svd", steps, variant) in rows, (steps, variant)
+    assert len(rows) == len(settings.tune_methods) + len(settings.extra)  # no row twice
+    shared = rows[("w2svd", 1, "shared-base")]
+    # The shared-base generator is a LoRA: its own tuning family, so it takes a rate tuned for it.
+    assert "method.generator=lora" in shared.overrides and shared.family in settings.tune_methods
+    assert rows[("w2svd", 1, "alpha0.25")].family == "w2svd"
+    assert all(s.family in settings.tune_methods for s in settings.extra)
