@@ -4,7 +4,7 @@
     w2svd world show --config portrait         # what is built, where, and its numbers
 
 1. the VAE (the real ``AutoencoderKLHunyuanVideo`` class at ``model.vae_arch``) is trained on
-   synthetic portraits until it reconstructs clips it never saw (``w2svd.world.train_vae``);
+   synthetic portraits until it reconstructs clips it never saw (``w2svd.world_vae.train_vae``);
    its folder's ``samples.png`` shows unseen clips above their round trip;
 2. ``world.data_clips`` synthetic clips at the first bucket's size are pre-encoded by the
    ``preencode`` stage (Ray Data) with that VAE and the config's text encoders;
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from pipelines.errors import ArgumentParser, UserError, run_main
-from w2svd import world
+from w2svd import world, world_vae
 from w2svd.config import Config, load_config
 from w2svd.data import shards
 
@@ -144,19 +144,19 @@ def write_teacher_strip(cfg: Config, teacher: str, config: str, path: Path, step
 
 
 def write_vae_strip(config: str, vae_dir: Path, path: Path, count: int = 4) -> Path:
-    """Unseen clips (the VAE's test seeds) above ``world.round_trip`` of the saved weights."""
+    """Unseen clips (the VAE's test seeds) above ``world_vae.round_trip`` of the saved weights."""
     from pipelines.sample_strips import write_sample_strip
     from w2svd.data.buckets import clips_from_model_output
 
     cfg = load_config(config)
     frames, height, width = world.first_bucket_size(cfg)
     clips, _ = world.render_clips(world.vae_test_seed(cfg), count, frames, height, width, cfg.data.fps)
-    rec = world.round_trip(world.load_vae(vae_dir), world.to_pixels(clips))
+    rec = world_vae.round_trip(world_vae.load_vae(vae_dir), world.to_pixels(clips))
     return write_sample_strip(path, clips, {"VAE round trip": clips_from_model_output(rec).numpy()})
 
 
 def build(config: str, log=print, force: tuple[str, ...] = (), check: bool = True) -> dict:
-    vae_dir, vae_report = world.build_world_vae(config, log=log, force="vae" in force)
+    vae_dir, vae_report = world_vae.build_world_vae(config, log=log, force="vae" in force)
     if not (vae_dir / SAMPLES_FILE).is_file() and vae_dir.parent == world.world_cache_root():
         write_vae_strip(config, vae_dir, vae_dir / SAMPLES_FILE)
     psnr = vae_report.get("test_psnr_saved", vae_report["test_psnr"])

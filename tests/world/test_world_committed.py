@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2svd import world
+from w2svd import world, world_vae
 from w2svd.config import load_config
 
 PROMPTS = 8
@@ -27,12 +27,12 @@ def test_committed_vae_reconstructs_unseen_clips_with_their_faces(fresh_cache):
     cfg = load_config("portrait")
     folder = world.resolve_world_uri("world:portrait/vae")
     assert folder.parent == world.PREBUILT_DIR
-    vae = world.load_vae(folder)
+    vae = world_vae.load_vae(folder)
     frames, height, width = world.first_bucket_size(cfg)
     clips, _ = world.render_clips(world.vae_test_seed(cfg), PROMPTS, frames, height, width, cfg.data.fps)
-    assert np.mean(world.reconstruction_psnr(vae, clips)) >= cfg.world.vae_min_psnr
+    assert np.mean(world_vae.reconstruction_psnr(vae, clips)) >= cfg.world.vae_min_psnr
     with torch.no_grad():
-        rec = clips_from_model_output(world.round_trip(vae, world.to_pixels(clips))).numpy()
+        rec = clips_from_model_output(world_vae.round_trip(vae, world.to_pixels(clips))).numpy()
     real_rate = np.mean([face_detection_rate(c[None]) for c in clips])
     # 0.78 against 0.89 on the real clips when committed (docs/benchmarks.md, "Portrait world").
     assert np.mean([face_detection_rate(c[None]) for c in rec]) >= real_rate - 0.25

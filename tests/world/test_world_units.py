@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2svd import world
+from w2svd import world, world_vae
 from w2svd.config import load_config
 from w2svd.models.encoders import TextEncoders, WordTokenizer, encoder_ids, vae_kwargs
 
@@ -18,13 +18,13 @@ def test_psnr_matches_hand_computed_values():
     y = torch.tensor([[0.1, -0.1, 0.1, -0.1], [0.0, 0.0, 0.0, 0.2]])
     # MSE 0.01 and 0.01: 10·log10(2² / 0.01) = 10·log10(400)
     expected = 10 * math.log10(400.0)
-    assert world.psnr(y, x).tolist() == pytest.approx([expected, expected])
-    assert world.psnr(x, x).isinf().all()
+    assert world_vae.psnr(y, x).tolist() == pytest.approx([expected, expected])
+    assert world_vae.psnr(x, x).isinf().all()
     # uint8 convention: range 255, one pixel off by 255 of four -> MSE 255²/4 -> 10·log10(4)
     a, b = torch.tensor([[0.0, 0, 0, 0]]), torch.tensor([[255.0, 0, 0, 0]])
-    assert float(world.psnr(a, b, data_range=255.0)[0]) == pytest.approx(10 * math.log10(4.0))
+    assert float(world_vae.psnr(a, b, data_range=255.0)[0]) == pytest.approx(10 * math.log10(4.0))
     with pytest.raises(ValueError):
-        world.psnr(torch.zeros(1, 2), torch.zeros(1, 3))
+        world_vae.psnr(torch.zeros(1, 2), torch.zeros(1, 3))
 
 
 def test_kl_to_standard_normal_matches_closed_form():
@@ -32,7 +32,7 @@ def test_kl_to_standard_normal_matches_closed_form():
     logvar = torch.tensor([[0.0, 0.0], [0.0, math.log(4.0)]])
     # per element 0.5·(m² + σ² − 1 − log σ²): [0, 0.5] and [2, 0.5·(4 − 1 − log 4)]
     rows = [0.5, 2.0 + 0.5 * (3.0 - math.log(4.0))]
-    assert float(world.kl_to_standard_normal(mean, logvar)) == pytest.approx(sum(rows) / 2)
+    assert float(world_vae.kl_to_standard_normal(mean, logvar)) == pytest.approx(sum(rows) / 2)
 
 
 def test_word_tokenizer_one_token_per_word_and_factor_words_distinct():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2svd import world
+from w2svd import world, world_vae
 from w2svd.config import load_config
 
 STEPS = 120
@@ -31,10 +31,10 @@ def test_world_vae_learns_unseen_clips_and_is_cached_by_its_settings(small_world
     frames, height, width = world.first_bucket_size(cfg)
     test_clips, _ = world.render_clips(world.vae_test_seed(cfg), cfg.world.vae_test_clips, frames, height, width,
                                        cfg.data.fps)
-    untrained = float(np.mean(world.reconstruction_psnr(world.build_vae_module(cfg).eval(), test_clips)))
+    untrained = float(np.mean(world_vae.reconstruction_psnr(world_vae.build_vae_module(cfg).eval(), test_clips)))
 
     lines = []
-    folder, report = world.build_world_vae(small_world, log=lines.append)
+    folder, report = world_vae.build_world_vae(small_world, log=lines.append)
     assert folder.name == f"vae-{world.vae_key(cfg)}" and any("training" in line for line in lines)
     # Learned, measured on clips of disjoint seeds, on the saved (float16) weights.
     assert report["test_psnr_saved"] >= untrained + 5.0, (untrained, report["test_psnr_saved"])
@@ -44,7 +44,7 @@ def test_world_vae_learns_unseen_clips_and_is_cached_by_its_settings(small_world
 
     # The URI resolves to that folder; the weights load with the measured latent scale.
     assert world.resolve_world_uri(f"world:{small_world}/vae") == folder
-    vae = world.load_vae(folder)
+    vae = world_vae.load_vae(folder)
     assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     with torch.no_grad():
         z = vae.encode(world.to_pixels(test_clips[:1])).latent_dist.mode() * vae.config.scaling_factor
@@ -61,7 +61,7 @@ def test_world_vae_learns_unseen_clips_and_is_cached_by_its_settings(small_world
 
     # Same settings: the cached folder, no training. Another setting: another key, not built.
     again = []
-    assert world.build_world_vae(small_world, log=again.append)[0] == folder
+    assert world_vae.build_world_vae(small_world, log=again.append)[0] == folder
     assert not any("training" in line for line in again)
     other = load_config(small_world, ["world.vae_steps=121"])
     assert world.vae_key(other) != world.vae_key(cfg)
