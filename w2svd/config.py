@@ -207,9 +207,8 @@ class OptimConfig:
     # logit_normal (SD3's) or uniform (more draws near sigma 1; w2svd.schedule.sample_training_sigmas).
     finetune_sigma_density: Literal["logit_normal", "uniform"] = "logit_normal"
     # Fine-tune only: the decay of an EMA of the teacher's trained weights, which the export
-    # holds (0: the last weights). At a high rate the last weights are noisy: on the portrait
-    # world an average of its last three checkpoints raised the face rate from 0.33 to 0.40
-    # (docs/benchmarks.md, "Portrait world").
+    # holds (0: the last weights). On the portrait world it scored as the last weights did
+    # (docs/benchmarks.md, "Portrait world": the teacher probes), so the world keeps it off.
     finetune_ema: float = 0.0
 
 
