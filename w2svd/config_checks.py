@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from w2svd.config import Config
+    from w2svd.config_schema import Config
 
 
 def _check(ok: bool, message: str) -> None:
