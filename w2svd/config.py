@@ -3,9 +3,9 @@
     cfg = load_config("debug", ["method.alpha_weak=0.5", "optim.steps=20"])
 
 A named config is a YAML file in ``w2svd/configs`` (or any path); it may name a ``base``
-config whose values it overrides. Every key is checked against the dataclasses of ``w2svd.config_schema``, so a
-misspelt key or a value outside its allowed set fails before any work starts, with a
-``ValueError`` that names the key and what is allowed.
+config whose values it overrides. Every key is checked against the dataclasses of
+``w2svd.config_schema``, so a misspelt key or a value outside its allowed set fails before any
+work starts, with a ``ValueError`` that names the key and what is allowed.
 """
 
 from __future__ import annotations
