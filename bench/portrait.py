@@ -461,6 +461,8 @@ def parse_args(argv):
     p.add_argument("--study", choices=["table", "collapse", "all"], default="table")
     p.add_argument("--config", help="the world's config (default: portrait, or portrait-fast with --fast)")
     p.add_argument("--budget", type=int, help="iterations of every distillation run")
+    p.add_argument("--collapse-factor", type=int, help="the collapse study's length in table budgets (default 3)")
+    p.add_argument("--collapse-points", type=int, help="how many times the collapse runs are exported and scored (default 6)")
     p.add_argument("--docs", type=Path, help="also copy the PNGs into this folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.batch_size=2")
@@ -479,10 +481,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(max(1, args.threads))
+        for flag in ("budget", "collapse_factor", "collapse_points"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         settings = Settings.fast() if args.fast else Settings()
         settings = dataclasses.replace(settings, overrides=tuple(args.overrides),
                                        **({"config": args.config} if args.config else {}),
-                                       **({"budget": args.budget} if args.budget else {}))
+                                       **({"budget": args.budget} if args.budget else {}),
+                                       **({"collapse_factor": args.collapse_factor} if args.collapse_factor else {}),
+                                       **({"collapse_points": args.collapse_points} if args.collapse_points else {}))
         out = args.out.absolute()
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()

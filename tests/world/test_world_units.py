@@ -221,3 +221,13 @@ def test_portrait_table_has_every_row_the_paper_compares_and_tunes_each_family_o
     assert "method.generator=lora" in shared.overrides and shared.family in settings.tune_methods
     assert rows[("w2svd", 1, "alpha0.25")].family == "w2svd"
     assert all(s.family in settings.tune_methods for s in settings.extra)
+
+
+def test_portrait_bench_refuses_a_collapse_study_of_no_points_before_building_anything(tmp_path, capsys):
+    from bench import portrait
+
+    out = tmp_path / "out"
+    rc = portrait.main(["--out", str(out), "--study", "collapse", "--collapse-points", "0"])
+    assert rc != 0
+    assert "--collapse-points must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
