@@ -1,6 +1,6 @@
 """The paper's table at portrait-world scale, and the collapse study, on the project's real path.
 
-    w2svd bench portrait --out DIR [--fast] [--study table|collapse|all] [--docs FOLDER]
+    w2svd bench portrait --out DIR [--fast] [--study table|start|collapse|all] [--docs FOLDER]
     python bench/portrait.py --out DIR …                     # the same program
 
 The world (``pipelines/world.py``: a self-trained tiny HunyuanVideo VAE, word-level text
@@ -22,7 +22,8 @@ family's chosen rate without tuning of their own, so no row is tuned more than a
 Outputs: ``DIR/portrait.json`` (rows: ``method``, ``steps``, ``variant``, ``fvd_domain``,
 ``fvd_floor``, ``face_rate``, ``dynamic_degree``, ``seconds``, …, and the paper's numbers),
 ``DIR/portrait.md`` (the table), ``DIR/bars-<metric>.png``, ``DIR/strip-<row>.png`` and
-``DIR/samples.png``; the collapse study adds ``DIR/collapse.json`` and ``DIR/collapse.png``.
+``DIR/samples.png``; the starting-point study (the teacher's weights under the students' sampler)
+adds ``DIR/start.json``, the collapse study ``DIR/collapse.json`` and ``DIR/collapse.png``.
 """
 
 from __future__ import annotations
@@ -364,6 +365,44 @@ def write_strips(sources: dict[str, dict], cfg, out: Path, count: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the students start
+
+
+def export_start(settings: Settings, out: Path, steps: int) -> Path:
+    """The teacher's weights exported as a ``steps``-step generator: the students' sampler
+    (re-noising at the student sigmas, guidance-free as a distilled CFG model runs), which every
+    DMD2 and W2SVD student starts from before its first update."""
+    from w2svd.config import load_config
+    from w2svd.export import SAMPLER_FILE, sampler_settings_for, save_generator_export
+    from w2svd.models.hunyuan import build_backbone
+
+    folder = out / "start" / f"start-{steps}step"
+    if not (folder / SAMPLER_FILE).is_file():
+        cfg = load_config(settings.config, [*settings.overrides, f"method.student_steps={steps}"])
+        save_generator_export(build_backbone(cfg.model), folder, sampler_settings_for(cfg), cfg)
+    return folder
+
+
+def run_start(settings: Settings, out: Path, log=print) -> dict:
+    """The students' starting point at the table's student step counts, scored on the report set
+    beside the table's rows (``DIR/start.json``): what a student's row gained or lost in training."""
+    from pipelines.evaluate import model_source, real_clips_report
+    from w2svd.config import load_config
+
+    t0 = time.time()
+    cfg = load_config(settings.config, list(settings.overrides))
+    floor = real_clips_report(cfg, log=log)["metrics"]
+    step_counts = sorted({settings.tune_steps, *(s.steps for s in settings.extra)}, reverse=True)
+    sources = {f"start-{n}step": model_source(str(export_start(settings, out, n))) for n in step_counts}
+    reports = evaluate_cached(sources, cfg, out / "evals" / "report", log)
+    rows = [row_from("start", n, "teacher weights, student sampler", reports[f"start-{n}step"]["metrics"], floor,
+                     seconds=0.0, iterations=0) for n in step_counts]
+    result = {"settings": _jsonable(settings), "rows": rows, "seconds": round(time.time() - t0, 1)}
+    (out / "start.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # The collapse study
 
 
@@ -458,7 +497,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--fast", action="store_true", help="the smoke check the tests run (the portrait-fast world)")
-    p.add_argument("--study", choices=["table", "collapse", "all"], default="table")
+    p.add_argument("--study", choices=["table", "start", "collapse", "all"], default="table",
+                   help="all: the table, the students' starting point, then the collapse study")
     p.add_argument("--config", help="the world's config (default: portrait, or portrait-fast with --fast)")
     p.add_argument("--budget", type=int, help="iterations of every distillation run")
     p.add_argument("--collapse-factor", type=int, help="the collapse study's length in table budgets (default 3)")
@@ -501,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.study in ("table", "all"):
             table = run_table(settings, out, latents)
             print(format_table(table["rows"]))
+        if args.study in ("start", "all"):
+            start = run_start(settings, out)
+            print(format_table(start["rows"]))
         if args.study in ("collapse", "all"):
             collapse = run_collapse(settings, out, latents)
             print(json.dumps(collapse["curves"], indent=1))

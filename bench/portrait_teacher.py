@@ -9,8 +9,8 @@ in one process and without Ray, so that variants differ only in what they name. 
 it measures the x0 prediction ``x_t − σ·v`` on 32 training clips at σ 1 / 0.95 / 0.8 / 0.5
 against the clips (MSE; the per-position mean of the data scores ``mse_mean``, the bar a model
 that knew where in the frame each token sits would pass at σ 1), and at the end the face
-detection rate of 16 decoded 28-step Euler samples (CFG 2) beside the VAE round trip of real
-latents. Rows go to ``DIR/teacher-probe.jsonl``; a strip (real clips above samples) to ``DIR/<variant>.png``.
+detection rate of ``--samples`` (16) decoded 28-step Euler samples (CFG 2) beside the VAE round
+trip of real latents. Rows go to ``DIR/teacher-probe.jsonl``; a strip (real clips above samples) to ``DIR/<variant>.png``.
 The full build (``w2svd world build``) is the real path; this is its fast, controlled ablation.
 """
 
@@ -21,16 +21,19 @@ import json
 import time
 from pathlib import Path
 
-# name: (lr, sigma density, attention_head_dim, AdamW β1). 4 heads; rope axes scale with the
-# head. β1 0 is optim.betas' (the distillation roles'), which the fine-tune used before it had
-# its own optim.finetune_betas.
+# name: (lr, sigma density, attention_head_dim, AdamW β1, (double-stream, single-stream) blocks).
+# 4 heads; rope axes scale with the head. β1 0 is optim.betas' (the distillation roles'), which
+# the fine-tune used before it had its own optim.finetune_betas. 2 + 2 blocks is the world's.
 VARIANTS = {
-    "h64-lr3e-4-logit": (3e-4, "logit_normal", 16, 0.9),
-    "h64-lr3e-4-uniform": (3e-4, "uniform", 16, 0.9),
-    "h64-lr1e-3-uniform": (1e-3, "uniform", 16, 0.9),
-    "h128-lr3e-4-uniform": (3e-4, "uniform", 32, 0.9),
-    "h128-lr1e-3-uniform": (1e-3, "uniform", 32, 0.9),
-    "h128-lr1e-3-uniform-beta1-0": (1e-3, "uniform", 32, 0.0),
+    "h64-lr3e-4-logit": (3e-4, "logit_normal", 16, 0.9, (2, 2)),
+    "h64-lr3e-4-uniform": (3e-4, "uniform", 16, 0.9, (2, 2)),
+    "h64-lr1e-3-uniform": (1e-3, "uniform", 16, 0.9, (2, 2)),
+    "h128-lr3e-4-uniform": (3e-4, "uniform", 32, 0.9, (2, 2)),
+    "h128-lr1e-3-uniform": (1e-3, "uniform", 32, 0.9, (2, 2)),
+    "h128-lr1e-3-uniform-beta1-0": (1e-3, "uniform", 32, 0.0, (2, 2)),
+    # Capacity beyond the fifth-round teacher's, whose samples stay short of the real face rate.
+    "h128-deep-lr1e-3-uniform": (1e-3, "uniform", 32, 0.9, (4, 4)),
+    "h192-lr1e-3-uniform": (1e-3, "uniform", 48, 0.9, (2, 2)),
 }
 PROBE_SIGMAS = (1.0, 0.95, 0.8, 0.5)
 
@@ -64,7 +67,8 @@ def load_world_latents(teacher_dir: Path):
     return x0.float(), [r["caption"] for r in rows]
 
 
-def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path, log=print) -> dict:
+def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path, n_samples: int = 16,
+                log=print) -> dict:
     import torch
 
     from pipelines.sample_strips import write_sample_strip
@@ -77,11 +81,12 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
     from w2svd.roles import View
     from w2svd.schedule import sample_training_sigmas
 
-    lr, density, head_dim, beta1 = VARIANTS[name]
+    lr, density, head_dim, beta1, (double, single) = VARIANTS[name]
     config = str(teacher_dir / "config.yaml")
     rope = [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
     cfg = load_config(config, ["model.teacher=null", f"model.arch.attention_head_dim={head_dim}",
-                               f"model.arch.rope_axes_dim=[{','.join(map(str, rope))}]"])
+                               f"model.arch.rope_axes_dim=[{','.join(map(str, rope))}]",
+                               f"model.arch.num_layers={double}", f"model.arch.num_single_layers={single}"])
     vae = encoding_vae(teacher_dir)
     bundle = load_teacher_bundle(str(teacher_dir), cfg.method.teacher_steps, config,
                                  [f"model.vae={vae}"] if vae else [], device="cpu")
@@ -124,12 +129,13 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
             log(f"[portrait-teacher] {name} {curve[-1]}")
 
     bundle.backbone = model.eval()
-    picked = list(range(0, len(x0), 8))[:16]
+    picked = list(range(0, len(x0), max(1, len(x0) // n_samples)))[:n_samples]
     samples = bundle.decode(bundle.generate_latents([captions[i] for i in picked], list(range(len(picked))),
                                                     *world_size(cfg)))
     real = bundle.decode(x0[picked])
     write_sample_strip(out / f"{name}.png", real.numpy()[:4], {f"{name}\nEuler 28 steps": samples.numpy()[:4]})
-    return {"variant": name, "lr": lr, "density": density, "beta1": beta1, "hidden": 4 * head_dim, "steps": steps, "batch": batch,
+    return {"variant": name, "lr": lr, "density": density, "beta1": beta1, "hidden": 4 * head_dim,
+            "blocks": [double, single], "samples": len(picked), "steps": steps, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "mse_mean": round(mse_mean, 4), "curve": curve,
             "face_rate": face_detection_rate(samples.numpy()), "face_rate_real_vae": face_detection_rate(real.numpy()),
             "guidance_scale": cfg.method.guidance_scale, "seconds": round(time.time() - start, 1)}
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--samples", type=int, default=16, help="28-step samples the face rate is measured on")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     names = [n for n in args.variants.split(",") if n]
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        row = run_variant(name, args.latents, args.steps, args.batch, args.out)
+        row = run_variant(name, args.latents, args.steps, args.batch, args.out, args.samples)
         with open(args.out / "teacher-probe.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)

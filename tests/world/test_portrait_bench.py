@@ -3,7 +3,8 @@
 On a fresh machine: the committed portrait world (no training of the VAE or the teacher), its
 128 clips pre-encoded again by the ``preencode`` stage, one W2SVD distillation through the
 distill job (Ray Train + DeepSpeed) with its tuning-set selection, the evaluation job on every
-model and on real clips, the table, the bar charts and the strips. Asserted: only what must hold
+model and on real clips, the table, the bar charts and the strips; then the students' starting
+point (the teacher's weights under the student sampler), exported and scored. Asserted: only what must hold
 at this size (four prompts: the FVDs are noise around the floor).
 """
 
@@ -48,3 +49,20 @@ def test_portrait_bench_fast(tmp_path, monkeypatch):
     assert result["tuning"]["w2svd"]["chosen_lr"] in result["settings"]["lrs"]
     for png in ("samples.png", "bars-fvd_domain.png", "bars-face_rate.png", "strip-w2svd-4step.png"):
         assert (out / png).stat().st_size > 1000, png
+
+    # Where the students start: the teacher's own weights, under the students' guidance-free sampler.
+    assert bench.main(["--fast", "--out", str(out), "--study", "start", "--threads", "1"]) == 0
+    start = json.loads((out / "start.json").read_text())
+    assert [(r["method"], r["steps"], r["iterations"]) for r in start["rows"]] == [("start", 4, 0)]
+    assert np.isfinite(start["rows"][0]["fvd_domain"]) and 0 <= start["rows"][0]["face_rate"] <= 1
+
+    import torch
+
+    from w2svd.export import load_generator
+    from w2svd.models.hunyuan import build_backbone
+
+    exported, sampler = load_generator(out / "start" / "start-4step")
+    assert (sampler.steps, sampler.guidance_mode, sampler.method) == (4, "none", "w2svd")
+    teacher = build_backbone(load_config("portrait-fast").model).transformer.state_dict()
+    got = exported.transformer.state_dict()
+    assert got.keys() == teacher.keys() and all(torch.equal(got[k], teacher[k]) for k in teacher)

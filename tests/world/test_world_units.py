@@ -148,9 +148,9 @@ def test_portrait_teacher_probe_refuses_unknown_variants_and_unbuilt_folders(tmp
         portrait_teacher.main(["--latents", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "is not a built world teacher folder" in capsys.readouterr().err
     # Every variant names a rope split that sums to its head width (else the model would not build).
-    for _lr, density, head_dim, beta1 in portrait_teacher.VARIANTS.values():
+    for _lr, density, head_dim, beta1, blocks in portrait_teacher.VARIANTS.values():
         assert head_dim // 4 + 2 * (3 * head_dim // 8) == head_dim and density in ("logit_normal", "uniform")
-        assert 0 <= beta1 < 1
+        assert 0 <= beta1 < 1 and min(blocks) >= 1
 
 
 def test_portrait_table_rows_carry_the_i2v_column_only_for_image_to_video_models():
