@@ -521,15 +521,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         torch.set_num_threads(max(1, args.threads))
-        for flag in ("budget", "collapse_factor", "collapse_points"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        counts = {k: getattr(args, k) for k in ("budget", "collapse_factor", "collapse_points")
+                  if getattr(args, k) is not None}
+        for flag, value in counts.items():
+            if value < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         settings = Settings.fast() if args.fast else Settings()
-        settings = dataclasses.replace(settings, overrides=tuple(args.overrides),
-                                       **({"config": args.config} if args.config else {}),
-                                       **({"budget": args.budget} if args.budget else {}),
-                                       **({"collapse_factor": args.collapse_factor} if args.collapse_factor else {}),
-                                       **({"collapse_points": args.collapse_points} if args.collapse_points else {}))
+        settings = dataclasses.replace(settings, overrides=tuple(args.overrides), **counts,
+                                       **({"config": args.config} if args.config else {}))
         out = args.out.absolute()
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()

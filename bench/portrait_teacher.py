@@ -10,7 +10,8 @@ it measures the x0 prediction ``x_t − σ·v`` on 32 training clips at σ 1 / 0
 against the clips (MSE; the per-position mean of the data scores ``mse_mean``, the bar a model
 that knew where in the frame each token sits would pass at σ 1), and at the end the face
 detection rate of ``--samples`` (16) decoded 28-step Euler samples (CFG 2) beside the VAE round
-trip of real latents. Rows go to ``DIR/teacher-probe.jsonl``; a strip (real clips above samples) to ``DIR/<variant>.png``.
+trip of real latents. Rows go to ``DIR/teacher-probe.jsonl``; a strip (real clips above samples)
+to ``DIR/<variant>.png``.
 The full build (``w2svd world build``) is the real path; this is its fast, controlled ablation.
 """
 

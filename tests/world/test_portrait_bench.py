@@ -4,8 +4,8 @@ On a fresh machine: the committed portrait world (no training of the VAE or the 
 128 clips pre-encoded again by the ``preencode`` stage, one W2SVD distillation through the
 distill job (Ray Train + DeepSpeed) with its tuning-set selection, the evaluation job on every
 model and on real clips, the table, the bar charts and the strips; then the students' starting
-point (the teacher's weights under the student sampler), exported and scored. Asserted: only what must hold
-at this size (four prompts: the FVDs are noise around the floor).
+point (the teacher's weights under the student sampler), exported and scored. Asserted: only what
+must hold at this size (four prompts: the FVDs are noise around the floor).
 """
 
 import json
