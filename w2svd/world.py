@@ -90,13 +90,16 @@ DISTILL_ONLY_OPTIM_FIELDS = ("generator_lr", "critic_lr", "disc_lr", "generator_
 # Settings added after teachers were committed, hashed only away from the value that reproduces
 # how those teachers were built (so adding a setting does not orphan every committed teacher).
 LATER_OPTIM_FIELDS = {"finetune_ema": 0.0}
+# How the job runs, not what it learns: hashed at the value the committed teachers were built
+# with whatever the config says, so a config can change them without orphaning its teacher.
+EXECUTION_PARALLEL_FIELDS = {"materialize_data": False}
 
 
 def teacher_key(cfg: Config) -> str:
     """Hash of what the fine-tuned teacher depends on: its VAE, the text encoders, the data, the
     model, parallel and world sections, the optimiser's without ``DISTILL_ONLY_OPTIM_FIELDS`` (and
-    ``LATER_OPTIM_FIELDS`` at their old behaviour) and the method's ``TEACHER_METHOD_FIELDS`` (the
-    teacher itself left out)."""
+    ``LATER_OPTIM_FIELDS`` at their old behaviour), ``EXECUTION_PARALLEL_FIELDS`` at fixed values
+    and the method's ``TEACHER_METHOD_FIELDS`` (the teacher itself left out)."""
     from w2svd.config import to_dict
     from w2svd.models.encoders import encoder_ids
 
@@ -105,6 +108,7 @@ def teacher_key(cfg: Config) -> str:
     raw["method"] = {k: raw["method"][k] for k in TEACHER_METHOD_FIELDS}
     raw["optim"] = {k: v for k, v in raw["optim"].items() if k not in DISTILL_ONLY_OPTIM_FIELDS
                     and not (k in LATER_OPTIM_FIELDS and v == LATER_OPTIM_FIELDS[k])}
+    raw["parallel"] |= EXECUTION_PARALLEL_FIELDS
     keep = {k: raw[k] for k in ("model", "method", "data", "optim", "parallel", "world")}
     return _digest({"vae": vae_key(cfg), "text": encoder_ids(cfg)[1], "config": keep})
 

@@ -117,6 +117,9 @@ def test_teacher_key_ignores_distillation_only_settings():
     # A setting added later is hashed only away from its old behaviour: committed keys survive it.
     for name, old_value in world.LATER_OPTIM_FIELDS.items():
         assert world.teacher_key(load_config("portrait", [f"optim.{name}={old_value}"])) == world.teacher_key(cfg)
+    # How the fine-tune runs does not change what it learns.
+    for name, value in world.EXECUTION_PARALLEL_FIELDS.items():
+        assert world.teacher_key(load_config("portrait", [f"parallel.{name}={not value}"])) == world.teacher_key(cfg)
 
 
 def test_small_vae_builds_from_config_with_four_times_spatial_compression():
