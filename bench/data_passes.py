@@ -3,10 +3,9 @@
 
     w2svd bench data-passes --latents DIR [--passes 4] [--batch-size 4] [--out passes.json]
 
-Both modes go through the training reader (``read_latent_shards``, ``iter_latent_batches``) with the
-order the jobs fix (``preserve_order``), in one Ray on this machine; ``DIR`` is a world teacher's
-shards (``w2svd world show --config portrait --path latents``) or any pre-encoded folder. Each pass's
-batches are hashed: resume replays the stream by position, so both modes must give the same batches
+Both modes go through the training jobs' reader (``training_dataset``, ``iter_latent_batches``),
+in one Ray on this machine; ``DIR`` is a world teacher's shards (``w2svd world show --config
+portrait --path latents``) or any pre-encoded folder. Each pass's batches are hashed: resume replays the stream by position, so both modes must give the same batches
 in the same order (``same_batches``). Results: ``docs/benchmarks.md``, "Portrait world".
 """
 
@@ -47,17 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines.reader import read_latent_shards
+    from pipelines.reader import training_dataset
     from pipelines.startup import init_ray
 
     started = init_ray()
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     rows = {}
     for mode in ("read", "materialized"):
         t0 = time.perf_counter()
-        ds = read_latent_shards(args.latents)
-        if mode == "materialized":
-            ds = ds.materialize()
+        ds = training_dataset(args.latents, None, materialize=mode == "materialized")
         setup = time.perf_counter() - t0
         seconds, digests, count = timed_passes(ds, args.passes, args.batch_size)
         rows[mode] = {"setup_s": round(setup, 3), "pass_s": [round(s, 3) for s in seconds],

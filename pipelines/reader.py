@@ -20,7 +20,7 @@ import ray
 from w2svd.data import shards, storage
 from w2svd.data.shards import LatentBatch, collate_latent_batch
 
-__all__ = ["read_latent_shards", "iter_latent_batches", "collate_latent_batch", "shard_files", "LatentBatch"]
+__all__ = ["read_latent_shards", "training_dataset", "iter_latent_batches", "collate_latent_batch", "shard_files", "LatentBatch"]
 
 
 def shard_files(uri: str, options: storage.StorageOptions | None = None) -> list[str]:
@@ -50,6 +50,17 @@ def read_latent_shards(uri: str, buckets: list[str] | None = None, *, options: s
         ds = ds.map_batches(_keep_buckets, fn_kwargs={"buckets": list(buckets)}, batch_format="pyarrow",
                             batch_size=None, zero_copy_batch=True)
     return ds
+
+
+def training_dataset(uri: str, buckets: list[str] | None, *, materialize: bool,
+                     options: storage.StorageOptions | None = None) -> ray.data.Dataset:
+    """The training jobs' Dataset of the shards under ``uri``: files in a fixed order (resume replays
+    the stream by position, and a Dataset keeps the DataContext of its creation, so the order is
+    fixed before reading), read once into the object store when ``materialize`` (small data: every
+    later pass then costs nothing)."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = read_latent_shards(uri, buckets, options=options)
+    return ds.materialize() if materialize else ds
 
 
 def iter_latent_batches(ds, batch_size: int, *, drop_last: bool = False, prefetch_batches: int = 1,

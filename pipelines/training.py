@@ -68,12 +68,11 @@ def main(program: str, train_loop: Callable[[dict], None], argv: list[str] | Non
 def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: str, run_dir: str,
           export_only: bool = False) -> dict:
     """Run (or resume, or recognise as finished) the training job; returns result.json's content."""
-    import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.reader import read_latent_shards, shard_files
+    from pipelines.reader import shard_files, training_dataset
 
     options = storage.StorageOptions.from_env()
     run = run_uri(run_dir)
@@ -98,12 +97,8 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
 
     p = cfg.parallel
     init_ray(need_cpus=p.num_workers * p.cpus_per_worker)
-    # A Dataset keeps the DataContext of its creation: file order must be fixed before reading,
-    # since resume replays the stream by position.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = read_latent_shards(data, buckets=[b.name for b in cfg.data.buckets], options=options)
-    if p.materialize_data:
-        dataset = dataset.materialize()  # small data: read once into the object store
+    dataset = training_dataset(data, [b.name for b in cfg.data.buckets], materialize=p.materialize_data,
+                               options=options)
     run_id = training_run_id(cfg, run, program, options)
     fs, path = storage.filesystem(run, options)
     trainer = TorchTrainer(
