@@ -39,15 +39,15 @@ VARIANTS = {
 PROBE_SIGMAS = (1.0, 0.95, 0.8, 0.5)
 
 
-def encoding_vae(teacher_dir: Path) -> str | None:
-    """The folder of the VAE that encoded the shards (their ``vae_id`` names its key). The
+def encoding_vae(latents_dir: Path) -> str | None:
+    """The folder of the VAE that encoded the shards under ``latents_dir`` (their ``vae_id`` names its key). The
     folder's config names the VAE by ``world:CONFIG/vae``, which follows the config's current
     VAE settings; after those change, decoding these latents with it would be wrong."""
     import pyarrow.parquet as pq
 
     from w2svd import world
 
-    first = next(iter(sorted((teacher_dir / "latents" / "shards").glob("*.parquet"))), None)
+    first = next(iter(sorted((latents_dir / "shards").glob("*.parquet"))), None)
     vae_id = pq.read_table(first, columns=["vae_id"]).column(0)[0].as_py() if first else ""
     if "@" not in vae_id:
         return None
@@ -55,15 +55,16 @@ def encoding_vae(teacher_dir: Path) -> str | None:
     return str(folder) if folder.is_dir() else None
 
 
-def load_world_latents(teacher_dir: Path):
+def load_world_latents(latents_dir: Path):
+    """Latents ``[N, C, T, h, w]`` and captions of every clip in a pre-encode output folder."""
     import pyarrow.parquet as pq
     import torch
 
     from w2svd.data import shards
 
-    rows = [r for f in sorted((teacher_dir / "latents" / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in sorted((latents_dir / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     if not rows:
-        raise FileNotFoundError(f"no pre-encoded shards under {teacher_dir / 'latents' / 'shards'}")
+        raise FileNotFoundError(f"no pre-encoded shards under {latents_dir / 'shards'}")
     x0 = torch.stack([shards.tensor_from_bytes(r["latent"], r["latent_shape"], r["latent_dtype"]) for r in rows])
     return x0.float(), [r["caption"] for r in rows]
 
@@ -88,10 +89,10 @@ def run_variant(name: str, teacher_dir: Path, steps: int, batch: int, out: Path,
     cfg = load_config(config, ["model.teacher=null", f"model.arch.attention_head_dim={head_dim}",
                                f"model.arch.rope_axes_dim=[{','.join(map(str, rope))}]",
                                f"model.arch.num_layers={double}", f"model.arch.num_single_layers={single}"])
-    vae = encoding_vae(teacher_dir)
+    vae = encoding_vae(teacher_dir / "latents")
     bundle = load_teacher_bundle(str(teacher_dir), cfg.method.teacher_steps, config,
                                  [f"model.vae={vae}"] if vae else [], device="cpu")
-    x0, captions = load_world_latents(teacher_dir)
+    x0, captions = load_world_latents(teacher_dir / "latents")
     text, mask, pooled = bundle.encoders.encode_text(captions)
 
     def cond_of(idx):

@@ -66,3 +66,16 @@ def test_portrait_bench_fast(tmp_path, monkeypatch):
     teacher = build_backbone(load_config("portrait-fast").model).transformer.state_dict()
     got = exported.transformer.state_dict()
     assert got.keys() == teacher.keys() and all(torch.equal(got[k], teacher[k]) for k in teacher)
+
+    # The committed teacher on captions of its own clips and on new ones (bench teacher-captions).
+    from bench import teacher_captions
+
+    assert teacher_captions.main(["--teacher", world["teacher"]["path"], "--latents", world["latents"],
+                                  "--config", "portrait-fast", "--prompts", "4", "--steps", "4",
+                                  "--out", str(out / "captions.json"), "--threads", "1"]) == 0
+    split = json.loads((out / "captions.json").read_text())
+    assert split["seen"]["prompts"] == split["held_out"]["prompts"] == 4
+    assert len(split["held_out"]["face_rate_per_prompt"]) == 4
+    # The real side of both holds faces (rendered portraits; the VAE's round trip of training clips).
+    assert split["seen"]["face_rate_real"] > 0.5 and split["held_out"]["face_rate_real"] > 0.5
+    assert all(0 <= split[side]["face_rate"] <= 1 for side in ("seen", "held_out"))

@@ -234,3 +234,17 @@ def test_portrait_bench_refuses_a_collapse_study_of_no_points_before_building_an
     assert rc != 0
     assert "--collapse-points must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_teacher_captions_split_keeps_training_captions_out_of_the_held_out_side():
+    from bench.teacher_captions import split_captions
+
+    train = [f"caption {i}" for i in range(10)]
+    candidates = ["caption 3", "new a", "caption 9", "new b", "new c"]
+    seen, held_out = split_captions(train, candidates, 2)
+    assert seen == [0, 5]  # evenly spaced over the training clips
+    assert held_out == [1, 3]  # the first new ones, skipping captions a training clip has
+    _, held_out = split_captions(train, candidates, 5)
+    assert held_out == [1, 3, 4]  # fewer where too few are new
+    with pytest.raises(ValueError, match="at least 1"):
+        split_captions(train, candidates, 0)

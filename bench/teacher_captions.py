@@ -1,0 +1,127 @@
+"""A world teacher's face rate on captions it trained on, against captions it never saw.
+
+    w2svd bench teacher-captions --teacher DIR [--latents DIR] [--config portrait] [--prompts 64] [--steps 28] --out F.json
+
+The evaluation job scores a teacher on 16 report prompts: new combinations of skin, hair,
+background, face shape, speech and head turn. A teacher that draws faces for the captions of
+its training clips but not for new ones is limited by its data, not its capacity; this
+separates the two on more prompts than the report set holds (its 16 spread by about ±0.1).
+
+- seen: ``--prompts`` captions of the teacher's own pre-encoded clips (``--latents``: a build's
+  ``DIR/latents``; for a committed teacher, ``w2svd world show --config C --path latents``), evenly
+  spaced over the shards; their real side is the VAE round trip of those clips' latents.
+- held out: the first ``--prompts`` items of the config's evaluation set grown to
+  ``4 × --prompts`` items, less any whose caption a training clip has; their real side is the
+  synthetic clip each caption describes, rendered at the evaluation size.
+
+Both sides sample with the teacher's ``--steps``-step Euler sampler and its guidance from the
+evaluation job's noise (item ``i``: seed ``eval.seed + i``), so the held-out side's first 16
+samples are the report set's. An image-to-video teacher gets each real clip's first frame as its reference.
+Writes ``{"seen": {...}, "held_out": {...}}``: the face rates of samples and of the real clips
+(overall and per prompt), and the gap real − samples with its standard error over prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def split_captions(train_captions: list[str], candidates: list[str], n: int) -> tuple[list[int], list[int]]:
+    """``n`` evenly spaced indices into ``train_captions`` and the first ``n`` indices into
+    ``candidates`` whose caption no training clip has (fewer where too few are new)."""
+    if n < 1:
+        raise ValueError(f"--prompts must be at least 1, got {n}")
+    seen = list(range(0, len(train_captions), max(1, len(train_captions) // n)))[:n]
+    known = set(train_captions)
+    held_out = [i for i, c in enumerate(candidates) if c not in known][:n]
+    return seen, held_out
+
+
+def _sample_faces(bundle, prompts: list[str], seeds: list[int], real_BTHWC, batch: int) -> dict:
+    import numpy as np
+
+    from w2svd.metrics.portrait import face_detection_rate
+
+    samples = []
+    size = tuple(real_BTHWC.shape[1:4])
+    for lo in range(0, len(prompts), batch):
+        chunk = slice(lo, lo + batch)
+        images = [np.asarray(c[0]) for c in real_BTHWC[chunk]] if bundle.image_to_video else None
+        samples.append(bundle.generate(prompts[chunk], seeds[chunk], *size, images=images).numpy())
+    # Every clip has the same frames, so the rates are the means of the per-prompt ones and the
+    # gap's standard error comes from the paired per-prompt differences.
+    ours = np.array([face_detection_rate(c[None]) for c in np.concatenate(samples)])
+    real = np.array([face_detection_rate(np.asarray(c)[None]) for c in real_BTHWC])
+    gap = real - ours
+    return {"prompts": len(prompts), "face_rate": float(ours.mean()), "face_rate_real": float(real.mean()),
+            "gap": float(gap.mean()), "gap_se": float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else None,
+            "face_rate_per_prompt": ours.round(3).tolist(), "face_rate_real_per_prompt": real.round(3).tolist()}
+
+
+def measure(teacher_dir: Path, latents_dir: Path, config: str, prompts: int, steps: int, batch: int = 8,
+            log=print) -> dict:
+    import dataclasses
+
+    from bench.portrait_teacher import encoding_vae, load_world_latents
+    from w2svd.evalset import build_evalset, reference_clips
+    from w2svd.generate import load_teacher_bundle
+
+    vae = encoding_vae(latents_dir)
+    bundle = load_teacher_bundle(str(teacher_dir), steps, config, [f"model.vae={vae}"] if vae else [], device="cpu")
+    x0, train_captions = load_world_latents(latents_dir)
+    evalset = build_evalset(dataclasses.replace(bundle.cfg.eval, num_prompts=4 * prompts))
+    seen, held_out = split_captions(train_captions, evalset.prompts, prompts)
+    if len(held_out) < prompts:
+        log(f"[teacher-captions] only {len(held_out)} new captions among {len(evalset)} evaluation items")
+
+    # The evaluation job's noise: item i starts from seed eval.seed + i on both sides, so the
+    # held-out side's first items are the report set's samples and the sides differ by caption only.
+    seeds = [it.seed for it in evalset.items]
+    start = time.time()
+    rows = {"seen": _sample_faces(bundle, [train_captions[i] for i in seen], seeds[:len(seen)],
+                                  bundle.decode(x0[seen]), batch)}
+    log(f"[teacher-captions] seen: face rate {rows['seen']['face_rate']:.3f} ({time.time() - start:.0f} s)")
+    rows["held_out"] = _sample_faces(bundle, [evalset.prompts[i] for i in held_out], [seeds[i] for i in held_out],
+                                     reference_clips(evalset)[held_out], batch)
+    rows["held_out"]["evalset_index"] = held_out
+    log(f"[teacher-captions] held out: face rate {rows['held_out']['face_rate']:.3f} ({time.time() - start:.0f} s)")
+    return {"teacher": str(teacher_dir), "latents": str(latents_dir), "config": config, "steps": steps,
+            "guidance_scale": bundle.cfg.method.guidance_scale, "training_clips": len(train_captions),
+            **rows, "seconds": round(time.time() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="w2svd bench teacher-captions", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, type=Path,
+                   help="a built world teacher folder (`w2svd world show --path teacher`; holds latents/)")
+    p.add_argument("--latents", type=Path, help="its training shards' folder (default: TEACHER/latents)")
+    p.add_argument("--config", default="portrait", help="the world's config (its encoders and evaluation set)")
+    p.add_argument("--prompts", type=int, default=64, help="captions on each side")
+    p.add_argument("--steps", type=int, default=28, help="Euler steps of the teacher's sampler")
+    p.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    latents = args.latents or args.teacher / "latents"
+    if not (latents / "shards").is_dir():
+        p.error(f"{latents} holds no pre-encoded shards (no shards/): give the teacher's --latents")
+    if args.prompts < 1:
+        p.error("--prompts must be at least 1")
+    from pipelines.startup import set_local_env_defaults
+
+    set_local_env_defaults()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    row = measure(args.teacher, latents, args.config, args.prompts, args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
