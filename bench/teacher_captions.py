@@ -18,7 +18,10 @@ Both sides sample with the teacher's ``--steps``-step Euler sampler and its guid
 evaluation job's noise (item ``i``: seed ``eval.seed + i``), so the held-out side's first 16
 samples are the report set's. An image-to-video teacher gets each real clip's first frame as its reference.
 Writes ``{"seen": {...}, "held_out": {...}}``: the face rates of samples and of the real clips
-(overall and per prompt), and the gap real − samples with its standard error over prompts.
+(overall and per prompt), and the gap real − samples with its standard error over prompts; for
+the held-out side, whose factors are known, also the evaluation job's factor agreement and the
+mouth's motion on talking and on silent captions, for samples, real clips and the real clips' VAE
+round trip (what the latents can carry).
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ def split_captions(train_captions: list[str], candidates: list[str], n: int) -> 
     return seen, held_out
 
 
-def _sample_faces(bundle, prompts: list[str], seeds: list[int], real_BTHWC, batch: int) -> dict:
+def _sample(bundle, prompts: list[str], seeds: list[int], real_BTHWC, batch: int):
+    """uint8 samples ``[B, T, H, W, 3]`` at the real clips' size (their first frames as references
+    for an image-to-video teacher)."""
     import numpy as np
-
-    from w2svd.metrics.portrait import face_detection_rate
 
     samples = []
     size = tuple(real_BTHWC.shape[1:4])
@@ -51,14 +54,54 @@ def _sample_faces(bundle, prompts: list[str], seeds: list[int], real_BTHWC, batc
         chunk = slice(lo, lo + batch)
         images = [np.asarray(c[0]) for c in real_BTHWC[chunk]] if bundle.image_to_video else None
         samples.append(bundle.generate(prompts[chunk], seeds[chunk], *size, images=images).numpy())
-    # Every clip has the same frames, so the rates are the means of the per-prompt ones and the
-    # gap's standard error comes from the paired per-prompt differences.
-    ours = np.array([face_detection_rate(c[None]) for c in np.concatenate(samples)])
+    return np.concatenate(samples)
+
+
+def _round_trip(bundle, clips_BTHWC, batch: int):
+    """uint8 clips through the teacher's VAE, encoded and decoded."""
+    import numpy as np
+
+    from w2svd.world import to_pixels
+
+    return np.concatenate([bundle.decode(bundle.encoders.encode_video(to_pixels(clips_BTHWC[lo:lo + batch])
+                                                                      .to(bundle.device))).numpy()
+                           for lo in range(0, len(clips_BTHWC), batch)])
+
+
+def face_rates(samples_BTHWC, real_BTHWC) -> dict:
+    """Face rates of samples and real clips (overall and per prompt) and the gap real − samples
+    with its standard error: every clip has the same frames, so a rate is the mean of the
+    per-prompt ones and the gap's error comes from the paired per-prompt differences."""
+    import numpy as np
+
+    from w2svd.metrics.portrait import face_detection_rate
+
+    ours = np.array([face_detection_rate(np.asarray(c)[None]) for c in samples_BTHWC])
     real = np.array([face_detection_rate(np.asarray(c)[None]) for c in real_BTHWC])
     gap = real - ours
-    return {"prompts": len(prompts), "face_rate": float(ours.mean()), "face_rate_real": float(real.mean()),
+    return {"prompts": len(ours), "face_rate": float(ours.mean()), "face_rate_real": float(real.mean()),
             "gap": float(gap.mean()), "gap_se": float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else None,
             "face_rate_per_prompt": ours.round(3).tolist(), "face_rate_real_per_prompt": real.round(3).tolist()}
+
+
+def caption_factors(factors: list[dict], **clips_BTHWC) -> dict:
+    """What the captions say, seen in each named set of clips: the evaluation job's factor
+    agreement, and the mouth's motion (``mouth_motion``, luma levels) on talking and on silent
+    captions over the clips with a face (the caption's speech, apart from whether a face is found)."""
+    import numpy as np
+
+    from w2svd.metrics.portrait import clip_mouth_motion, factor_agreement
+
+    out = {}
+    for side, clips in clips_BTHWC.items():
+        motion = [clip_mouth_motion(np.asarray(c)) for c in clips]
+        talking = [m for m, f in zip(motion, factors, strict=True) if m is not None and f["talking"]]
+        silent = [m for m, f in zip(motion, factors, strict=True) if m is not None and not f["talking"]]
+        out[side] = {"agreement": factor_agreement(np.asarray(clips), factors),
+                     "mouth_motion_talking": float(np.mean(talking)) if talking else None,
+                     "mouth_motion_silent": float(np.mean(silent)) if silent else None,
+                     "faces_talking": len(talking), "faces_silent": len(silent)}
+    return out
 
 
 def measure(teacher_dir: Path, latents_dir: Path, config: str, prompts: int, steps: int, batch: int = 8,
@@ -66,7 +109,7 @@ def measure(teacher_dir: Path, latents_dir: Path, config: str, prompts: int, ste
     import dataclasses
 
     from bench.portrait_teacher import encoding_vae, load_world_latents
-    from w2svd.evalset import build_evalset, reference_clips
+    from w2svd.evalset import build_evalset, reference_clips, reference_factors
     from w2svd.generate import load_teacher_bundle
 
     vae = encoding_vae(latents_dir)
@@ -81,12 +124,16 @@ def measure(teacher_dir: Path, latents_dir: Path, config: str, prompts: int, ste
     # held-out side's first items are the report set's samples and the sides differ by caption only.
     seeds = [it.seed for it in evalset.items]
     start = time.time()
-    rows = {"seen": _sample_faces(bundle, [train_captions[i] for i in seen], seeds[:len(seen)],
-                                  bundle.decode(x0[seen]), batch)}
+    seen_real = bundle.decode(x0[seen])
+    rows = {"seen": face_rates(_sample(bundle, [train_captions[i] for i in seen], seeds[:len(seen)], seen_real, batch),
+                               seen_real)}
     log(f"[teacher-captions] seen: face rate {rows['seen']['face_rate']:.3f} ({time.time() - start:.0f} s)")
-    rows["held_out"] = _sample_faces(bundle, [evalset.prompts[i] for i in held_out], [seeds[i] for i in held_out],
-                                     reference_clips(evalset)[held_out], batch)
-    rows["held_out"]["evalset_index"] = held_out
+    new_real, factors = reference_clips(evalset)[held_out], reference_factors(evalset)
+    new_samples = _sample(bundle, [evalset.prompts[i] for i in held_out], [seeds[i] for i in held_out], new_real, batch)
+    rows["held_out"] = {**face_rates(new_samples, new_real), "evalset_index": held_out,
+                        # The VAE round trip: what of the real clips' factors the latents can carry at all.
+                        "factors": caption_factors([factors[i] for i in held_out], samples=new_samples, real=new_real,
+                                                   vae=_round_trip(bundle, new_real, batch))}
     log(f"[teacher-captions] held out: face rate {rows['held_out']['face_rate']:.3f} ({time.time() - start:.0f} s)")
     return {"teacher": str(teacher_dir), "latents": str(latents_dir), "config": config, "steps": steps,
             "guidance_scale": bundle.cfg.method.guidance_scale, "training_clips": len(train_captions),

@@ -68,3 +68,17 @@ def test_timing_f1_and_palette_vote():
     assert pt.dominant_palette_entry(px, palette) == "b"
     assert pt.dominant_palette_entry(px, palette, tol=12) == "a"
     assert pt.dominant_palette_entry(px[3:], palette, tol=12) is None
+
+
+def test_clip_mouth_motion_moves_for_talking_captions_and_needs_a_face():
+    # Light skin and a still head: the detector's easy case, so the speech is the only difference.
+    easy = {"skin_tone": "light", "head_turn": "none", "head_yaw": [0.0] * 17, "head_x": lambda f: [36.0] * 17}
+    _, talking = synth_set(3, seed=4, talking=True, mouth_open=lambda f: list(
+        0.5 + 0.45 * np.sin(np.arange(17) * 1.9)), **easy)
+    _, silent = synth_set(3, seed=4, talking=False, mouth_open=[0.05] * 17, **easy)
+    moving = [pt.clip_mouth_motion(c) for c in talking]
+    still = [pt.clip_mouth_motion(c) for c in silent]
+    assert all(m is not None and m > pt.TALKING_MOUTH_STD for m in moving), moving
+    assert all(m is not None and m < pt.TALKING_MOUTH_STD for m in still), still
+    noise = torch.randint(0, 256, talking[0].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert pt.clip_mouth_motion(noise) is None

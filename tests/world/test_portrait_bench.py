@@ -79,3 +79,7 @@ def test_portrait_bench_fast(tmp_path, monkeypatch):
     # The real side of both holds faces (rendered portraits; the VAE's round trip of training clips).
     assert split["seen"]["face_rate_real"] > 0.5 and split["held_out"]["face_rate_real"] > 0.5
     assert all(0 <= split[side]["face_rate"] <= 1 for side in ("seen", "held_out"))
+    factors = split["held_out"]["factors"]
+    assert set(factors) == {"samples", "real", "vae"}
+    # Real clips agree with their own captions on the background (a plain colour the VAE keeps).
+    assert factors["real"]["agreement"]["background"] == 1.0 and factors["vae"]["agreement"]["background"] == 1.0

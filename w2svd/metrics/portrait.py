@@ -155,6 +155,19 @@ def _timing_f1(found: list[int], true: list[int], tol: int = 1) -> float:
     return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
 
 
+def clip_mouth_motion(clip_THWC) -> float | None:
+    """:func:`mouth_motion` of one clip along its face track (``None``: no face detected in any frame)."""
+    clip = np.asarray(as_clips_BTHWC(clip_THWC)[0])
+    boxes = _face_track(clip)
+    if boxes is None:
+        return None
+    return mouth_motion(_gray_THW(clip), boxes)
+
+
+def _gray_THW(clip_THWC: np.ndarray) -> np.ndarray:
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in clip_THWC]).astype(np.float32)
+
+
 def clip_factor_agreement(clip_THWC, factors: dict) -> dict[str, float]:
     """Per-factor agreement (0 or 1, blink timing an F1) of one clip with its known factors."""
     from w2svd.data.synth import BACKGROUNDS, HAIR_COLORS, SKIN_TONES
@@ -164,7 +177,7 @@ def clip_factor_agreement(clip_THWC, factors: dict) -> dict[str, float]:
     if boxes is None:  # no face at all: nothing the caption says about the face can be confirmed
         out = dict.fromkeys(("blink", "blink_timing", "talking", "skin_tone", "hair_color"), 0.0)
     else:
-        gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in clip]).astype(np.float32)
+        gray = _gray_THW(clip)
         blinks, true_blinks = detect_blinks(gray, boxes), list(factors["blink_frames"])
         talking = mouth_motion(gray, boxes) > TALKING_MOUTH_STD
         mid = len(clip) // 2
