@@ -5,8 +5,9 @@
 
 Both modes go through the training jobs' reader (``training_dataset``, ``iter_latent_batches``),
 in one Ray on this machine; ``DIR`` is a world teacher's shards (``w2svd world show --config
-portrait --path latents``) or any pre-encoded folder. Each pass's batches are hashed: resume replays the stream by position, so both modes must give the same batches
-in the same order (``same_batches``). Results: ``docs/benchmarks.md``, "Portrait world".
+portrait --path latents``) or any pre-encoded folder. Each pass's batches are hashed: resume
+replays the stream by position, so both modes must give the same batches in the same order
+(``same_batches``). Results: ``docs/benchmarks.md``, "Portrait world".
 """
 
 from __future__ import annotations
