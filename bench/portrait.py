@@ -453,16 +453,20 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
 
 def drift_guard_record(out: Path, methods, gen_update_every: int) -> dict:
     """Where the distill job's drift guard (``health.*``, set to log only here) fired in each
-    collapse run, from the run's ``health.json`` (absent: it never fired), in the curves' units."""
-    from pipelines.guards import HEALTH_FILE
+    collapse run and its signal check by check, from the run's ``drift.json`` (absent: the
+    guard never checked), in the curves' units."""
+    from pipelines.guards import DRIFT_FILE
 
     record = {}
     for method in methods:
-        path = out / "collapse" / method / HEALTH_FILE
-        drift = json.loads(path.read_text()).get("drift", {}) if path.is_file() else {}
+        path = out / "collapse" / method / DRIFT_FILE
+        drift = json.loads(path.read_text()) if path.is_file() else {}
         fired = drift.get("fired_at")
-        record[method] = {"fired_at_iteration": fired, "drift_rollbacks": drift.get("rollbacks", 0),
-                          "fired_at_generator_update": None if fired is None else fired // gen_update_every}
+        record[method] = {"signal": drift.get("signal"), "fired_at_iteration": fired,
+                          "fired_at_generator_update": None if fired is None else fired // gen_update_every,
+                          "best": drift.get("best"), "rise": drift.get("rise"), "margin": drift.get("margin"),
+                          "trace": [{"generator_updates": step / gen_update_every, "value": value, "signal": signal}
+                                    for step, value, signal in drift.get("trace", [])]}
     return record
 
 
@@ -474,14 +478,32 @@ def plot_collapse(result: dict, path: Path) -> Path:
 
     keys = [("fvd_domain", "domain FVD (lower is better)"), ("face_rate", "face detection rate"),
             ("dynamic_degree", "dynamic degree"), ("factor_agreement", "caption-factor agreement")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.3))
-    for ax, (key, title) in zip(axes, keys, strict=True):
+    guard = result.get("drift_guard", {})
+    traced = any(g.get("trace") for g in guard.values())
+    fig, axes = plt.subplots(1, len(keys) + traced, figsize=(4 * (len(keys) + traced), 3.3))
+    for ax, (key, title) in zip(axes, keys, strict=False):
         for method, curve in result["curves"].items():
             ax.plot([p["generator_updates"] for p in curve], [p[key] for p in curve], marker="o", label=method)
+            fired = guard.get(method, {}).get("fired_at_generator_update")
+            if fired is not None:  # where the guard fired, on every curve of its run
+                ax.axvline(fired, color=ax.lines[-1].get_color(), ls=":", lw=1.5)
         if result["floor"].get(key) is not None:
             ax.axhline(result["floor"][key], color="k", ls="--", lw=1, label="real clips")
         ax.set(title=title, xlabel="generator updates")
         ax.legend(fontsize=8)
+    if traced:
+        ax = axes[-1]
+        for method, g in guard.items():
+            x = [p["generator_updates"] for p in g["trace"]]
+            line, = ax.plot(x, [p["signal"] for p in g["trace"]], label=f"{method} signal")
+            ax.plot(x, [p["value"] for p in g["trace"]], color=line.get_color(), alpha=0.3, lw=0.8)
+            if g.get("best") is not None:
+                ax.axhline(g["best"] * (1 + g["rise"]) + g["margin"], color=line.get_color(), ls="--", lw=1,
+                           label=f"{method} band (final best)")
+            if g.get("fired_at_generator_update") is not None:
+                ax.axvline(g["fired_at_generator_update"], color=line.get_color(), ls=":", lw=1.5)
+        ax.set(title=f"drift guard: {next(iter(guard.values()))['signal']} (dotted: fired)", xlabel="generator updates")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -503,6 +525,7 @@ def parse_args(argv):
     p.add_argument("--budget", type=int, help="iterations of every distillation run")
     p.add_argument("--collapse-factor", type=int, help="the collapse study's length in table budgets (default 3)")
     p.add_argument("--collapse-points", type=int, help="how many times the collapse runs are exported and scored (default 6)")
+    p.add_argument("--collapse-lr", type=float, help="the collapse runs' generator rate, both methods (default 3e-4)")
     p.add_argument("--docs", type=Path, help="also copy the PNGs into this folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.batch_size=2")
@@ -526,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in counts.items():
             if value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if args.collapse_lr is not None:
+            if not args.collapse_lr > 0:
+                raise ValueError(f"--collapse-lr must be positive, got {args.collapse_lr}")
+            counts["collapse_lr"] = args.collapse_lr
         settings = Settings.fast() if args.fast else Settings()
         settings = dataclasses.replace(settings, overrides=tuple(args.overrides), **counts,
                                        **({"config": args.config} if args.config else {}))

@@ -24,6 +24,7 @@ from w2svd import rng
 from w2svd.baselines import ema_update, lcm_step
 from w2svd.config import Config
 from w2svd.distill import StepSettings
+from w2svd.drift import check_interval, earliest_firing_step
 from w2svd.export import sample_latents, sampler_settings_for, save_generator_export
 from w2svd.iteration import Cadence, train_iteration
 from w2svd.models.hunyuan import build_backbone
@@ -37,6 +38,8 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.method.name == "lcm":
         return lcm_loop(s, teacher)
 
+    if s.rank == 0:
+        warn_if_unguarded(cfg)
     roles = build_roles_from_config(teacher, cfg.method).to(s.device)
     shares_base = cfg.method.generator == "lora"
     critic, generator = make_role_engines(roles, cfg, load_universal=s.reshaped)
@@ -117,6 +120,20 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
     else:
         s.export(lambda folder: save_generator_export(student.backbone, folder, settings, cfg), [student.backbone])
     s.finish(trained)
+
+
+def warn_if_unguarded(cfg: Config) -> None:
+    """Say so when the drift guard's warmup and patience outlast the run."""
+    h = cfg.health
+    if not h.drift_enabled:
+        return
+    first = earliest_firing_step(check_interval(h.drift_every, cfg.method.gen_update_every),
+                                 h.drift_warmup, h.drift_patience)
+    if first > cfg.optim.steps:
+        # A warning, not an error: short runs (smoke tests, the table's) are legitimately unguarded.
+        print(f"[w2svd] warning: the drift guard cannot fire in this run: its earliest firing is step {first} "
+              f"(health.drift_every × (max(drift_warmup, 1) + drift_patience)), after optim.steps = "
+              f"{cfg.optim.steps}", file=sys.stderr, flush=True)
 
 
 def check(cfg: Config) -> None:

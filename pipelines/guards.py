@@ -5,9 +5,10 @@ so every rank takes the same decision without another collective:
 
 * the health monitor (``w2svd/health.py``) every step: NaN/inf, the generator's sample std
   against the data's, exploding losses;
-* the drift guard (``w2svd/drift.py``) every ``health.drift_every`` steps, on generator samples
-  of the current batch's conditions against the batch itself (drawn from a stream of their own,
-  so watching a run never changes it), logged as ``guard/signal``.
+* the drift guard (``w2svd/drift.py``) every ``health.drift_every`` steps (null: every 5 generator
+  updates), on generator samples of the last ``health.drift_window`` batches' conditions against
+  those batches (drawn from a stream of their own, so watching a run never changes it), logged
+  as ``guard/signal`` and, check by check, in ``RUN_DIR/drift.json``.
 
 A rollback is recorded in ``RUN_DIR/health.json`` and raised on every rank
 (``RollbackRequested``): Ray Train restarts the worker group, which resumes from the newest
@@ -29,10 +30,11 @@ from pipelines.collectives import all_reduce, barrier
 from pipelines.tracking import Tracker
 from w2svd.config import Config
 from w2svd.data import storage
-from w2svd.drift import DriftGuard
+from w2svd.drift import DriftGuard, check_interval
 from w2svd.health import HealthMonitor, HealthState
 
 HEALTH_FILE = "health.json"
+DRIFT_FILE = "drift.json"  # the guard's trace ([step, value, signal] per check), band and firing
 
 
 class RollbackRequested(RuntimeError):
@@ -48,7 +50,8 @@ class Guards:
         fields = HealthState.__dataclass_fields__
         self.health = HealthMonitor.from_config(cfg.health, HealthState(**{k: v for k, v in recorded.items()
                                                                           if k in fields}))
-        self.drift = DriftGuard.from_config(cfg.health)
+        self.drift = DriftGuard.from_config(cfg.health, rows_per_batch=cfg.optim.batch_size)
+        self.every = check_interval(cfg.health.drift_every, cfg.method.gen_update_every)
         # Written at a drift rollback or stop, so newer than any checkpoint's copy.
         self._recorded_drift = recorded.get("drift")
         if self._recorded_drift:
@@ -94,18 +97,26 @@ class Guards:
         self.in_band = decision.ok and not decision.reason and self._drift_in_band
         if not decision.ok:
             return self._act(decision, "health")
-        if self.drift.enabled and step % self.cfg.health.drift_every == 0:
+        if self.drift.enabled and step % self.every == 0:
             value = self.reduce({"v": self.drift.value()})["v"]
             drift = self.drift.decide(step, value)
             self._drift_in_band = drift.in_band
             self.in_band = self.in_band and drift.in_band
             if math.isfinite(drift.signal):
                 self.tracker.log({"guard/signal": drift.signal, "guard/value": value}, step)
+                self._write_trace()
             if drift.action != "ok":
                 return self._act(drift, "drift")
             if self.drift.action == "log" and self.drift.fired_at == step:
                 self._record(drift, "drift")  # log-only: visible in stderr, MLflow and health.json
         return True
+
+    def _write_trace(self) -> None:
+        if self.rank == 0:
+            d = self.drift
+            storage.write_json(storage.join(self.run_dir, DRIFT_FILE),
+                               {"signal": d.kind, "every": self.every, "rise": d.rise, "margin": d.margin,
+                                "best": d.state.best, "fired_at": d.fired_at, "trace": d.state.trace}, self.options)
 
     def _record(self, decision, source: str) -> None:
         state = {**self.health.state_dict(), "lr_scale": self.lr_scale, "drift": self.drift.state_dict()}
@@ -127,13 +138,14 @@ class Guards:
     # -- what the drift guard watches ----------------------------------------------------------
     def observe(self, step: int, metrics: dict[str, float], data_x: torch.Tensor, cond_x: torch.Tensor | None,
                 sample: Callable[[torch.Generator], torch.Tensor]) -> None:
-        """This step's training numbers, and before a check of the ``proj_gap`` signal generator
-        samples of the batch's conditions (``sample(generator)``, from the guard's own stream)
-        beside the batch."""
+        """This step's training numbers, and in the ``drift_window`` steps before a check of the
+        ``proj_gap`` signal generator samples of the batch's conditions (``sample(generator)``,
+        from the guard's own stream) beside the batch."""
         if not self.drift.enabled:
             return
         self.drift.observe(metrics)
-        if self.drift.kind == "proj_gap" and (step + 1) % self.cfg.health.drift_every == 0:
+        steps_to_check = -(step + 1) % self.every  # the check after this step's update is at step + 1
+        if self.drift.kind == "proj_gap" and steps_to_check < self.cfg.health.drift_window:
             g = torch.Generator().manual_seed(self.cfg.optim.seed + 7919 * (self.rank + 1) + step)
             with torch.no_grad():
                 self.drift.observe({}, gen_x=sample(g), data_x=data_x, cond_x=cond_x)

@@ -65,8 +65,10 @@ def validate(cfg: Config) -> None:
            "health.sample_std_band must be [low, high] with 0 <= low < high")
     _check(h.loss_max > 0, "health.loss_max must be positive")
     _check(h.drift_rise >= 0 and h.drift_margin >= 0, "health.drift_rise and health.drift_margin must be >= 0")
-    _check(h.drift_patience >= 1 and h.drift_warmup >= 0 and h.drift_every >= 1,
-           "health.drift_patience and health.drift_every must be >= 1, health.drift_warmup >= 0")
+    _check(h.drift_patience >= 1 and h.drift_warmup >= 0 and (h.drift_every is None or h.drift_every >= 1)
+           and h.drift_window * o.batch_size >= 2,
+           "health.drift_patience and health.drift_every (or null) must be >= 1, health.drift_warmup >= 0, "
+           "and health.drift_window × optim.batch_size >= 2 (rows the drift statistic compares)")
     _check(0.0 <= h.drift_smoothing < 1.0, "health.drift_smoothing must lie in [0, 1)")
     _check(p.max_failures >= 0, "parallel.max_failures must be >= 0")
     _check(p.cpus_per_worker > 0, "parallel.cpus_per_worker must be positive")

@@ -213,8 +213,9 @@ class HealthConfig:
     # Signal, band and action as the toy family study's third round chose them for what a run
     # ends with (bench/toy_family_guard.py): on its test runs, stopping at the firing and keeping
     # the best state by the signal ended 1.075x above the curve's best instead of 1.257x, with 6 %
-    # of steady runs stopped (docs/benchmarks.md, "Third round"). A check every 25 steps is every
-    # 5 generator updates at the default ratio 5, the study's check interval.
+    # of steady runs stopped (docs/benchmarks.md, "Third round"). Its warmup and patience count
+    # checks of 5 generator updates: drift_every null checks every 5 × method.gen_update_every
+    # steps at any critic ratio. The guard cannot fire before drift_every × (max(warmup, 1) + patience).
     drift_enabled: bool = True
     drift_signal: Literal["proj_gap", "disc_acc", "score_gap", "critic_loss"] = "proj_gap"
     drift_rise: float = 0.1
@@ -223,7 +224,11 @@ class HealthConfig:
     drift_warmup: int = 10
     drift_smoothing: float = 0.8
     drift_action: Literal["rollback", "stop", "log"] = "stop"
-    drift_every: int = 25
+    drift_every: int | None = None
+    # proj_gap compares the last drift_window training batches with the generator's samples for
+    # their conditions, drawn at those steps (the study's window of 8 batches): the state now, not
+    # the run's history. Costs drift_window student samplings per check.
+    drift_window: int = 8
 
 
 @dataclass

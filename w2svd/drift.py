@@ -14,17 +14,21 @@ and fires when the smoothed signal leaves a band above its running best for ``pa
 consecutive checks. Then the run either rolls back to its last in-band state with a lower rate,
 or stops and keeps its best state by the signal (``DriftDecision``).
 
-    guard = DriftGuard.from_config(cfg.health)
+    guard = DriftGuard.from_config(cfg.health, rows_per_batch=cfg.optim.batch_size)
+    every = check_interval(cfg.health.drift_every, cfg.method.gen_update_every)
     guard.observe(metrics)                                     # every step: the metric signals
-    guard.observe({}, gen_x=samples, data_x=x_gt, cond_x=c)    # proj_gap: samples for the batch's conditions
-    if step % cfg.health.drift_every == 0:
+    guard.observe({}, gen_x=samples, data_x=x_gt, cond_x=c)    # proj_gap: the last drift_window batches before a check
+    if step % every == 0:
         value = all_reduce_mean(guard.value())                 # every rank decides alike
-        decision = guard.decide(step, value)                   # log guard.signal as guard/signal
+        decision = guard.decide(step, value)                   # log guard.signal; guard.state.trace keeps it
         if decision.is_best: save the "best" state;  if decision.in_band: save the "last good" state
         if decision.action == "rollback": restore last good, rates × decision.lr_scale
         if decision.action == "stop": restore best, end the run
 
-Pure Python/torch; ``state_dict``/``load_state_dict`` carry everything a restart needs.
+The proj_gap statistic compares the last ``window`` rows only (``health.drift_window`` batches):
+the state of the generator now, not an average over the run, in which a late drift would be a
+small fraction of the rows. Pure Python/torch; ``state_dict``/``load_state_dict`` carry everything
+a restart needs.
 """
 
 from __future__ import annotations
@@ -41,6 +45,22 @@ METRIC_OF_SIGNAL = {"disc_acc": "critic/disc_acc", "score_gap": "gen/score_gap",
 Action = Literal["ok", "rollback", "stop"]
 # What firing does: roll back, stop, or only record it (``fired_at``, the reason) and go on.
 ACTIONS = ("rollback", "stop", "log")
+# The third round's check interval in generator updates (bench/toy_family_guard.py): its warmup,
+# patience and smoothing count checks of this many updates.
+GEN_UPDATES_PER_CHECK = 5
+
+
+def check_interval(drift_every: int | None, gen_update_every: int) -> int:
+    """Steps between checks: ``drift_every``, or ``GEN_UPDATES_PER_CHECK × gen_update_every`` when
+    unset, so the guard's warmup and patience mean the same training time at any critic ratio."""
+    return drift_every or GEN_UPDATES_PER_CHECK * gen_update_every
+
+
+def earliest_firing_step(every: int, warmup: int, patience: int) -> int:
+    """The first step at which the guard can fire: checks run at ``every, 2·every, …``; check ``n``
+    may count out of band only when ``n > warmup`` and ``n > 1`` (the first sets the best), and
+    firing needs ``patience`` such checks in a row: check ``max(warmup, 1) + patience``."""
+    return every * (max(warmup, 1) + patience)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +142,8 @@ class DriftState:
     gen_proj: list = field(default_factory=list)
     data_proj: list = field(default_factory=list)
     history: list = field(default_factory=list)
+    # [step, value, smoothed signal] of every check: the curve the band is judged on.
+    trace: list = field(default_factory=list)
 
 
 class DriftGuard:
@@ -131,6 +153,7 @@ class DriftGuard:
     minimum. All four signals grow when the generator drifts away from the data.
     action: "rollback" (up to ``max_rollbacks`` times, rate × ``lr_decay`` each, then "stop"), "stop",
     or "log" (record ``fired_at`` and the reason, change nothing).
+    window: projected rows of each side the proj_gap value compares (the newest ones).
     """
 
     def __init__(self, *, signal: str = "proj_gap", rise: float = 0.5, margin: float = 0.0, patience: int = 3,
@@ -145,6 +168,8 @@ class DriftGuard:
             raise ValueError("drift guard: rise, margin >= 0, patience >= 1, warmup >= 0, smoothing in [0, 1)")
         if not 0 < lr_decay <= 1:
             raise ValueError(f"drift lr_decay {lr_decay} must lie in (0, 1]")
+        if window < 2:
+            raise ValueError(f"drift window {window}: the projected statistic needs at least 2 rows a side")
         self.kind, self.rise, self.margin, self.patience = signal, rise, margin, patience
         self.warmup, self.smoothing, self.action = warmup, smoothing, action
         self.max_rollbacks, self.lr_decay, self.enabled = max_rollbacks, lr_decay, enabled
@@ -153,11 +178,13 @@ class DriftGuard:
         self.state = DriftState()
 
     @classmethod
-    def from_config(cls, h) -> DriftGuard:
-        """From a ``HealthConfig`` (its ``drift_*`` keys)."""
+    def from_config(cls, h, rows_per_batch: int) -> DriftGuard:
+        """From a ``HealthConfig`` (its ``drift_*`` keys); proj_gap compares the rows of the last
+        ``h.drift_window`` batches of ``rows_per_batch`` rows."""
         return cls(signal=h.drift_signal, rise=h.drift_rise, margin=h.drift_margin, patience=h.drift_patience,
                    warmup=h.drift_warmup, smoothing=h.drift_smoothing, action=h.drift_action,
-                   max_rollbacks=h.max_rollbacks, lr_decay=h.lr_decay_on_rollback, enabled=h.drift_enabled)
+                   max_rollbacks=h.max_rollbacks, lr_decay=h.lr_decay_on_rollback, enabled=h.drift_enabled,
+                   window=h.drift_window * rows_per_batch)
 
     # -- per step ------------------------------------------------------------------------------
     def observe(self, metrics: dict[str, float], gen_x: torch.Tensor | None = None,
@@ -220,6 +247,7 @@ class DriftGuard:
             return DriftDecision("ok", signal=self.signal)
         st.checks += 1
         st.signal = value if st.signal is None else self.smoothing * st.signal + (1 - self.smoothing) * value
+        st.trace.append([step, value, st.signal])
         is_best = st.best is None or st.signal < st.best
         if is_best:
             st.best = st.signal

@@ -8,6 +8,8 @@ import torch
 from w2svd.config import load_config
 from w2svd.drift import (
     DriftGuard,
+    check_interval,
+    earliest_firing_step,
     joint_features,
     projected_gap,
     random_projection_FK,
@@ -96,8 +98,9 @@ def test_guard_accumulates_metrics_and_samples_between_checks():
 
 def test_guard_is_built_from_the_health_config():
     cfg = load_config("debug", ["health.drift_signal=disc_acc", "health.drift_action=rollback"])
-    guard = DriftGuard.from_config(cfg.health)
+    guard = DriftGuard.from_config(cfg.health, rows_per_batch=cfg.optim.batch_size)
     assert guard.kind == "disc_acc" and guard.action == "rollback"
+    assert guard.window == cfg.health.drift_window * cfg.optim.batch_size
     with pytest.raises(ValueError, match="drift_signal"):
         load_config("debug", ["health.drift_signal=loss"])
 
@@ -107,9 +110,37 @@ def test_a_logging_guard_records_the_fire_and_changes_nothing():
     decisions = _run(guard, [1.0, 2.0, 2.0, 2.0])
     assert all(d.action == "ok" for d in decisions) and guard.fired_at == 2
     assert "logged only" in decisions[2].reason and decisions[2].lr_scale == 1.0
-    assert DriftGuard.from_config(load_config("debug", ["health.drift_action=log"]).health).action == "log"
+    assert DriftGuard.from_config(load_config("debug", ["health.drift_action=log"]).health, 4).action == "log"
 
 
 def test_the_default_guard_is_the_third_rounds_and_it_acts():
-    default = DriftGuard.from_config(load_config("debug").health)
+    default = DriftGuard.from_config(load_config("debug").health, 4)
     assert (default.kind, default.action, default.rise, default.patience) == ("proj_gap", "stop", 0.1, 8)
+
+
+def test_the_projected_gap_sees_a_late_drift_because_it_forgets_the_steady_rows():
+    # 60 steady batches, then 3 drifted ones: a window of a few batches sees the drift at full
+    # size; a window spanning the run (the statistic before drift_window) sees it diluted.
+    def observed(window: int) -> float:
+        guard, g = DriftGuard(signal="proj_gap", window=window), torch.Generator().manual_seed(5)
+        for i in range(63):
+            x_B5 = torch.randn(8, 5, generator=g)
+            drift = 3.0 if i >= 60 else 0.0
+            guard.observe({}, gen_x=torch.randn(8, 5, generator=g) + drift, data_x=x_B5, cond_x=None)
+        return guard.value()
+
+    assert observed(window=3 * 8) > 2.0 and observed(window=1024) < 0.5
+
+
+def test_the_earliest_firing_step_is_where_a_guard_first_can_fire():
+    # Best at the first check, far out of band from the second on: it fires at the earliest.
+    for warmup, patience, every in ((0, 1, 1), (3, 2, 10), (10, 8, 25)):
+        guard = DriftGuard(signal="disc_acc", rise=0.1, patience=patience, warmup=warmup, smoothing=0.0)
+        steps = [every * n for n in range(1, 40)]
+        fired = next(s for s, v in zip(steps, [1.0] + [9.0] * 38, strict=True) if guard.decide(s, v).action != "ok")
+        assert fired == earliest_firing_step(every, warmup, patience)
+        assert guard.state.trace[0] == [every, 1.0, 1.0] and len(guard.state.trace) == fired // every
+    # Unset, a check spans the study's 5 generator updates at any critic ratio.
+    assert check_interval(None, 2) == 10 and check_interval(None, 5) == 25 and check_interval(7, 2) == 7
+    with pytest.raises(ValueError, match="drift_window"):
+        load_config("debug", ["health.drift_window=0"])

@@ -4,9 +4,10 @@ recorded in health.json, and a restarted worker reads them back."""
 import json
 
 import pytest
+import torch
 
 from pipelines import checkpoint
-from pipelines.guards import HEALTH_FILE, Guards, RollbackRequested
+from pipelines.guards import DRIFT_FILE, HEALTH_FILE, Guards, RollbackRequested
 from pipelines.tracking import Tracker
 from w2svd.config import load_config
 
@@ -58,3 +59,36 @@ def test_a_stop_names_the_checkpoint_with_the_best_drift_signal(tmp_path):
         folder.mkdir()
         (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": step, "drift_signal": signal}))
     assert checkpoint.best_by_drift(str(tmp_path), None).endswith(checkpoint.dir_name(4))
+
+
+def test_the_projected_gap_samples_the_window_before_each_check_and_writes_its_trace(tmp_path):
+    cfg = load_config("debug", ["health.drift_every=null", "method.gen_update_every=2", "health.drift_window=3",
+                                "optim.batch_size=2", "health.drift_action=log"])
+    g = Guards(cfg, str(tmp_path), None, rank=0, world=1, tracker=Tracker(None, None))
+    assert g.every == 10  # null: 5 generator updates of 2 steps each
+    sampled = []
+
+    def sample_at(step):
+        def sample(generator):
+            sampled.append(step)
+            return torch.randn(2, 4, generator=generator) + step
+        return sample
+
+    for step in range(20):  # the check after step s's update runs at s + 1
+        g.observe(step, {}, torch.zeros(2, 4), None, sample_at(step))
+        assert g.check(step + 1, {"critic/loss": 1.0})
+    assert sampled == [7, 8, 9, 17, 18, 19]
+    trace = json.loads((tmp_path / DRIFT_FILE).read_text())
+    assert [row[0] for row in trace["trace"]] == [10, 20] and trace["signal"] == "proj_gap"
+    # The second check compares only its own window: samples near 18, data at 0.
+    assert trace["trace"][1][1] > trace["trace"][0][1] + 5
+
+
+def test_a_distillation_shorter_than_the_guards_warmup_and_patience_is_told_so(capsys):
+    from pipelines.distill import warn_if_unguarded
+
+    base = ["method.gen_update_every=2", "health.drift_every=null", "health.drift_warmup=10", "health.drift_patience=8"]
+    warn_if_unguarded(load_config("debug", [*base, "optim.steps=179"]))
+    assert "cannot fire in this run: its earliest firing is step 180" in capsys.readouterr().err
+    warn_if_unguarded(load_config("debug", [*base, "optim.steps=180"]))
+    assert capsys.readouterr().err == ""
