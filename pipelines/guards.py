@@ -100,8 +100,10 @@ class Guards:
         if self.drift.enabled and step % self.every == 0:
             value = self.reduce({"v": self.drift.value()})["v"]
             drift = self.drift.decide(step, value)
-            self._drift_in_band = drift.in_band
-            self.in_band = self.in_band and drift.in_band
+            # Out of band counts against a checkpoint only where the guard acts on it: otherwise a
+            # log-only guard, or one still in warmup, would leave a killed run nothing to resume.
+            self._drift_in_band = drift.in_band or not self.drift.judges
+            self.in_band = self.in_band and self._drift_in_band
             if math.isfinite(drift.signal):
                 self.tracker.log({"guard/signal": drift.signal, "guard/value": value}, step)
                 self._write_trace()

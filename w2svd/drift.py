@@ -241,6 +241,12 @@ class DriftGuard:
     def fired_at(self) -> int | None:
         return self.state.fired_at
 
+    @property
+    def judges(self) -> bool:
+        """Whether its band decides which states are rollback targets: once past ``warmup`` checks
+        and unless it only logs (a log-only guard changes nothing, resumption included)."""
+        return self.enabled and self.action != "log" and self.state.checks > self.warmup
+
     def decide(self, step: int, value: float) -> DriftDecision:
         st = self.state
         if not self.enabled or not math.isfinite(value):

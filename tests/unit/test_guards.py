@@ -45,7 +45,7 @@ def test_drift_rolls_back_once_then_stops_and_a_restart_reads_both(tmp_path):
 def test_a_logged_drift_changes_nothing_but_is_recorded_once(tmp_path, capsys):
     g = guards(tmp_path, "log")
     assert feed(g, 1, 1.0) and feed(g, 2, 2.0) and feed(g, 3, 2.1)  # fires at 3: the run goes on
-    assert g.lr_scale == 1.0 and g.drift.fired_at == 3 and not g.in_band
+    assert g.lr_scale == 1.0 and g.drift.fired_at == 3 and g.in_band  # resumable: log-only changes nothing
     recorded = json.loads((tmp_path / HEALTH_FILE).read_text())
     assert "logged only" in recorded["drift"]["history"][0] and "stopped" not in recorded
     assert "drift: step 3" in capsys.readouterr().err
@@ -92,3 +92,21 @@ def test_a_distillation_shorter_than_the_guards_warmup_and_patience_is_told_so(c
     assert "cannot fire in this run: its earliest firing is step 180" in capsys.readouterr().err
     warn_if_unguarded(load_config("debug", [*base, "optim.steps=180"]))
     assert capsys.readouterr().err == ""
+
+
+def test_only_a_guard_that_acts_and_is_past_warmup_marks_states_out_of_band(tmp_path):
+    def in_band_after(action: str, warmup: int) -> list[bool]:
+        cfg = load_config("debug", ["health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_smoothing=0",
+                                    "health.drift_rise=0.1", "health.drift_patience=5", f"health.drift_warmup={warmup}",
+                                    f"health.drift_action={action}"])
+        g = Guards(cfg, str(tmp_path / f"{action}{warmup}"), None, rank=0, world=1, tracker=Tracker(None, None))
+        marks = []
+        for step, loss in enumerate([1.0, 2.0, 2.0, 2.0], start=1):
+            g.observe(step, {"critic/flow_matching": loss}, data_x=None, cond_x=None, sample=None)
+            assert g.check(step, {"critic/loss": loss})
+            marks.append(g.in_band)
+        return marks
+
+    assert in_band_after("stop", warmup=0) == [True, False, False, False]
+    assert in_band_after("stop", warmup=2) == [True, True, False, False]  # checks 1-2: warmup
+    assert in_band_after("log", warmup=0) == [True, True, True, True]  # a killed run can resume anywhere
