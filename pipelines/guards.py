@@ -52,7 +52,7 @@ class Guards:
                                                                           if k in fields}))
         self.drift = DriftGuard.from_config(cfg.health, rows_per_batch=cfg.optim.batch_size)
         self.every = check_interval(cfg.health.drift_every, cfg.method.gen_update_every)
-        # Written at a drift rollback or stop, so newer than any checkpoint's copy.
+        # Written at a drift rollback, stop or log-only firing.
         self._recorded_drift = recorded.get("drift")
         if self._recorded_drift:
             self.drift.load_state_dict(self._recorded_drift)
@@ -67,8 +67,12 @@ class Guards:
         return self.health.lr_scale * self.drift.lr_scale
 
     def load_checkpoint_state(self, state: dict) -> None:
-        if not self._recorded_drift and state.get("drift"):
-            self.drift.load_state_dict(state["drift"])
+        """The checkpoint's guard state, unless health.json's is newer (more checks): a rollback
+        resumes from a checkpoint older than the firing it recorded, while a log-only firing is
+        recorded once and every later checkpoint carries the guard further."""
+        saved, recorded = state.get("drift"), self._recorded_drift
+        if saved and (not recorded or saved.get("checks", 0) > recorded.get("checks", 0)):
+            self.drift.load_state_dict(saved)
 
     def state_dict(self) -> dict:
         return {"health": self.health.state_dict(), "drift": self.drift.state_dict(),

@@ -51,6 +51,10 @@ def test_a_logged_drift_changes_nothing_but_is_recorded_once(tmp_path, capsys):
     assert "drift: step 3" in capsys.readouterr().err
     assert feed(g, 4, 2.2) and feed(g, 5, 2.3)  # a second firing goes on too, not re-recorded
     assert len(json.loads((tmp_path / HEALTH_FILE).read_text())["drift"]["history"]) == 1
+    # A resumed run carries on from its checkpoint, which is newer than the firing's record.
+    resumed = guards(tmp_path, "log")
+    resumed.load_checkpoint_state(g.state_dict())
+    assert resumed.drift.state.checks == 5 and [row[0] for row in resumed.drift.state.trace] == [1, 2, 3, 4, 5]
 
 
 def test_a_stop_names_the_checkpoint_with_the_best_drift_signal(tmp_path):
