@@ -494,6 +494,8 @@ def plot_collapse(result: dict, path: Path) -> Path:
     if traced:
         ax = axes[-1]
         for method, g in guard.items():
+            if not g.get("trace"):
+                continue
             x = [p["generator_updates"] for p in g["trace"]]
             line, = ax.plot(x, [p["signal"] for p in g["trace"]], label=f"{method} signal")
             ax.plot(x, [p["value"] for p in g["trace"]], color=line.get_color(), alpha=0.3, lw=0.8)
@@ -502,7 +504,8 @@ def plot_collapse(result: dict, path: Path) -> Path:
                            label=f"{method} band (final best)")
             if g.get("fired_at_generator_update") is not None:
                 ax.axvline(g["fired_at_generator_update"], color=line.get_color(), ls=":", lw=1.5)
-        ax.set(title=f"drift guard: {next(iter(guard.values()))['signal']} (dotted: fired)", xlabel="generator updates")
+        kind = next(g["signal"] for g in guard.values() if g.get("trace"))
+        ax.set(title=f"drift guard: {kind} (dotted: fired)", xlabel="generator updates")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -234,6 +234,33 @@ def test_portrait_bench_refuses_a_collapse_study_of_no_points_before_building_an
     assert rc != 0
     assert "--collapse-points must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+    assert portrait.main(["--out", str(out), "--study", "collapse", "--collapse-lr", "0"]) != 0
+    assert "--collapse-lr must be positive, got 0.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_collapse_record_reads_the_guards_trace_in_generator_updates(tmp_path):
+    from bench import portrait
+    from pipelines.guards import Guards
+    from pipelines.tracking import Tracker
+
+    run = tmp_path / "collapse" / "dmd2"
+    run.mkdir(parents=True)
+    cfg = load_config("debug", ["health.drift_signal=critic_loss", "health.drift_every=4", "health.drift_warmup=0",
+                                "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_action=log"])
+    g = Guards(cfg, str(run), None, rank=0, world=1, tracker=Tracker(None, None))
+    for step, loss in enumerate([1.0] * 4 + [3.0] * 4, start=1):  # checks at 4 and 8; fires at 8
+        g.observe(step, {"critic/flow_matching": loss}, data_x=None, cond_x=None, sample=None)
+        assert g.check(step, {"critic/loss": loss})
+    record = portrait.drift_guard_record(tmp_path, ("dmd2", "w2svd"), gen_update_every=2)
+    assert record["dmd2"]["fired_at_generator_update"] == 4 and record["dmd2"]["signal"] == "critic_loss"
+    assert [(p["generator_updates"], p["value"]) for p in record["dmd2"]["trace"]] == [(2, 1.0), (4, 3.0)]
+    assert record["w2svd"]["fired_at_iteration"] is None and record["w2svd"]["trace"] == []  # no run: no trace
+    curves = {m: [{"generator_updates": 4, "fvd_domain": 0.5, "face_rate": 0.6, "dynamic_degree": 0.0,
+                   "factor_agreement": 0.7}] for m in ("dmd2", "w2svd")}
+    floor = {"fvd_domain": 0.6, "face_rate": 0.8, "dynamic_degree": 0.2, "factor_agreement": 0.9}
+    png = portrait.plot_collapse({"curves": curves, "floor": floor, "drift_guard": record}, tmp_path / "c.png")
+    assert png.stat().st_size > 0
 
 
 def test_teacher_captions_split_keeps_training_captions_out_of_the_held_out_side():
