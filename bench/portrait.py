@@ -406,6 +406,15 @@ def run_start(settings: Settings, out: Path, log=print) -> dict:
 # The collapse study
 
 
+def collapse_spec(settings: Settings, method: str) -> Spec:
+    """A collapse run: the guard only records where it fires (a stop would cut the curve it is
+    judged against), and the generator's rate is constant, because the run is resumed with a
+    longer ``optim.steps`` at every point and a cosine schedule's length is ``optim.steps``: each
+    point would end its own annealed segment instead of lying on one run at one rate."""
+    return Spec(method, settings.collapse_steps,
+                overrides=("health.drift_action=log", "optim.generator_lr_schedule=constant"))
+
+
 def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict:
     """DMD2 and W2SVD trained ``collapse_factor`` × the table's budget, exported and scored on the
     report set ``collapse_points`` times along the way (the run resumes from its checkpoint
@@ -420,8 +429,7 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
     floor = real_clips_report(cfg, log=log)["metrics"]
     sources, points = {}, {}
     for method in settings.collapse_methods:
-        # The guard only records where it fires: a stop would cut the curve it is judged against.
-        spec = Spec(method, settings.collapse_steps, overrides=("health.drift_action=log",))
+        spec = collapse_spec(settings, method)
         run_dir = out / "collapse" / method
         for k in range(1, settings.collapse_points + 1):
             result = distill_run(settings, spec, settings.collapse_lr, latents, run_dir, k * every,

@@ -239,6 +239,20 @@ def test_portrait_bench_refuses_a_collapse_study_of_no_points_before_building_an
     assert not out.exists()
 
 
+def test_a_collapse_run_keeps_one_rate_across_its_resumed_points():
+    from bench import portrait
+    from w2svd.iteration import Cadence
+
+    spec = portrait.collapse_spec(portrait.Settings(), "dmd2")
+    # Resumed at 60 of 120 iterations: the rate must be what it was when the first point ended at 60.
+    rates = []
+    for steps in (60, 120):
+        cfg = load_config("portrait", [f"optim.steps={steps}", *spec.overrides])
+        cadence = Cadence.from_config(cfg)
+        rates.append(cadence.generator_lr_factor(cadence.updates_before(60)))
+    assert rates == [1.0, 1.0] and "health.drift_action=log" in spec.overrides
+
+
 def test_the_collapse_record_reads_the_guards_trace_in_generator_updates(tmp_path):
     from bench import portrait
     from pipelines.guards import Guards
