@@ -245,7 +245,12 @@ class DriftGuard:
     def judges(self) -> bool:
         """Whether its band decides which states are rollback targets: once past ``warmup`` checks
         and unless it only logs (a log-only guard changes nothing, resumption included)."""
-        return self.enabled and self.action != "log" and self.state.checks > self.warmup
+        return self.enabled and self.action != "log" and not self.warming_up
+
+    @property
+    def warming_up(self) -> bool:
+        """Within the first ``warmup`` checks: out of band counts for nothing yet."""
+        return self.state.checks <= self.warmup
 
     def decide(self, step: int, value: float) -> DriftDecision:
         st = self.state
@@ -259,7 +264,7 @@ class DriftGuard:
             st.best = st.signal
         limit = st.best * (1 + self.rise) + self.margin
         in_band = st.signal <= limit
-        if in_band or st.checks <= self.warmup:
+        if in_band or self.warming_up:
             st.out_of_band = 0
             return DriftDecision("ok", lr_scale=self.lr_scale, signal=st.signal, is_best=is_best, in_band=in_band)
         st.out_of_band += 1
