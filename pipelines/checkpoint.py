@@ -13,6 +13,8 @@
 Every rank writes into its own temporary folder and Ray Train merges them into
 ``RUN_DIR/train/checkpoint_step<NNNNNNNN>``. A checkpoint is written whenever one is due and
 says whether the run was in band then; a rollback resumes from the newest one that was.
+Ray Train keeps the newest checkpoint and three more ranked by ``keep_rank``: the newest while
+the drift signal improves, and always the one with its lowest value (what a drift stop exports).
 Restore is strict: the fingerprint (sum and sum of squares) of every trained parameter after
 loading must match the one recorded at save, so a key DeepSpeed skipped cannot pass silently.
 """
@@ -195,12 +197,46 @@ def newest_in_band(checkpoints_uri: str, options: storage.StorageOptions | None,
     return None
 
 
+def drift_signals(checkpoints_uri: str, options: storage.StorageOptions | None) -> dict[int, tuple[float, str]]:
+    """step → (drift signal, URI) of every written checkpoint that recorded a finite signal."""
+    out = {}
+    for step, uri in written(checkpoints_uri, options).items():
+        signal = (storage.read_json(storage.join(uri, STATE_FILE), options) or {}).get("drift_signal")
+        if signal is not None and math.isfinite(signal):
+            out[step] = (float(signal), uri)
+    return out
+
+
 def best_by_drift(checkpoints_uri: str, options: storage.StorageOptions | None) -> str | None:
     """The URI of the kept checkpoint with the lowest drift signal (the drift guard's "keep the
     best" when it stops a run); None when no checkpoint recorded one."""
-    best = None
-    for uri in written(checkpoints_uri, options).values():
-        signal = (storage.read_json(storage.join(uri, STATE_FILE), options) or {}).get("drift_signal")
-        if signal is not None and math.isfinite(signal) and (best is None or signal < best[0]):
-            best = (signal, uri)
-    return None if best is None else best[1]
+    signals = drift_signals(checkpoints_uri, options)
+    return min(signals.values())[1] if signals else None
+
+
+# Ray Train keeps the newest checkpoint and the ``KEEP`` ranked highest by ``KEEP_RANK``
+# (``CheckpointConfig`` in pipelines/training.py).
+KEEP = 3
+KEEP_RANK = "checkpoint_keep_rank"
+BEST_TIER = 1e12  # above any step
+
+
+def keep_rank(step: int, drift_signal: float, earlier_best: float | None) -> float:
+    """How Ray Train ranks a checkpoint for keeping (higher is kept): ``step``, plus ``BEST_TIER``
+    when its drift signal is finite and below ``earlier_best``, the lowest signal of the checkpoints
+    written before it (None: none recorded one).
+
+    So the newest checkpoints are kept while the signal improves, and the one with the lowest
+    signal, the state a drift stop exports, is always kept: ranked by age alone, it would be
+    deleted three checkpoints after the signal's best, which is before a guard with any patience
+    fires. Without a signal (the fine-tune, a guard turned off) the rank is the step: the newest."""
+    lowered = math.isfinite(drift_signal) and (earlier_best is None or drift_signal < earlier_best)
+    return float(step) + (BEST_TIER if lowered else 0.0)
+
+
+def rank_for_keeping(checkpoints_uri: str, options: storage.StorageOptions | None, step: int,
+                     drift_signal: float) -> float:
+    """``keep_rank`` of a checkpoint about to be written at ``step``, against the written ones
+    before it (a deleted checkpoint never held the lowest signal, so the written ones suffice)."""
+    earlier = [signal for s, (signal, _) in drift_signals(checkpoints_uri, options).items() if s < step]
+    return keep_rank(step, drift_signal, min(earlier) if earlier else None)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines import checkpoint
 from pipelines.errors import ArgumentParser, run_main
 from pipelines.guards import HEALTH_FILE
 from pipelines.startup import init_ray
@@ -120,7 +121,9 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
             # Ray's default retries forever.
             failure_config=FailureConfig(max_failures=p.max_failures + cfg.health.max_rollbacks,
                                          controller_failure_limit=p.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            # The newest checkpoint and the KEEP best ranked: the lowest drift signal always among them.
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoint.KEEP, checkpoint_score_attribute=checkpoint.KEEP_RANK,
+                                               checkpoint_score_order="max"),
         ),
     )
     fit = trainer.fit()
@@ -147,16 +150,15 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
     }
     drift_fired_at = (health.get("drift") or {}).get("fired_at")
     if health.get("stopped") or drift_fired_at is not None:
-        from pipelines.checkpoint import best_by_drift
-
         if health.get("stopped"):
             result["reason"], result["stopped_by"] = health["stopped"], health.get("stopped_by", "health")
         if drift_fired_at is not None:  # also when only logged (health.drift_action = log)
             result["drift_fired_at"] = int(drift_fired_at)
             print(f"[w2svd] warning: the drift guard fired at step {drift_fired_at}; the best state by its "
                   "signal is result.json's best_checkpoint", file=sys.stderr)
-        # The drift guard keeps the best state by its signal; after a drift stop the export is it.
-        result["best_checkpoint"] = best_by_drift(storage.join(run, TRAIN_NAME), options)
+    # The drift guard's best state by its signal, kept whether or not it fired (None: no signal);
+    # after a drift stop the export is it.
+    result["best_checkpoint"] = checkpoint.best_by_drift(storage.join(run, TRAIN_NAME), options)
     if run_id:
         result["mlflow_run_id"] = run_id
     storage.write_json(storage.join(run, RESULT_FILE), result, options)

@@ -332,3 +332,23 @@ def test_a_drift_stop_exports_the_best_state_by_the_signal(services, tmp_path, c
     backbone, _ = load_generator(run_dir / "export")
     assert all(torch.isfinite(p).all() for p in backbone.parameters())
     assert "exported its best state" in capsys.readouterr().err
+
+
+def test_the_checkpoint_with_the_lowest_drift_signal_outlives_newer_ones(services, tmp_path):
+    """Ray Train keeps the newest checkpoints and the one with the lowest drift signal (the state a
+    drift stop exports): kept by age alone, it would be gone three checkpoints later."""
+    run_dir = tmp_path / "drift-keep"
+    args = ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
+            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=10", "optim.checkpoint_every=1",
+            # A generator rate 300× the debug config's drives its samples away from the data.
+            "optim.generator_lr=0.03", "health.drift_signal=proj_gap", "health.drift_every=2",
+            "health.drift_smoothing=0", "health.drift_action=log"]
+    assert distill.main(args) == 0
+    trace = json.loads((run_dir / "drift.json").read_text())["trace"]
+    signal_at = {step: signal for step, _, signal in trace}  # checked before the step's checkpoint
+    lowest = min(signal_at, key=signal_at.get)
+    assert lowest < 8, "the run's lowest signal must be older than its three newest checkpoints to test this"
+    kept = sorted(int(p.name.removeprefix("checkpoint_step")) for p in (run_dir / "train").glob("checkpoint_step*"))
+    assert lowest in kept and 10 in kept and len(kept) <= 4
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["best_checkpoint"].endswith(f"checkpoint_step{lowest:08d}")

@@ -2,6 +2,7 @@
 recorded in health.json, and a restarted worker reads them back."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,6 +64,22 @@ def test_a_stop_names_the_checkpoint_with_the_best_drift_signal(tmp_path):
         folder.mkdir()
         (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": step, "drift_signal": signal}))
     assert checkpoint.best_by_drift(str(tmp_path), None).endswith(checkpoint.dir_name(4))
+
+
+def test_the_checkpoint_that_lowers_the_drift_signal_outranks_every_newer_one_that_does_not(tmp_path):
+    nan, tier = math.nan, checkpoint.BEST_TIER
+    assert checkpoint.keep_rank(5, 0.3, None) == 5 + tier  # the first signal is the lowest so far
+    assert checkpoint.keep_rank(5, 0.3, 0.2) == 5 and checkpoint.keep_rank(5, 0.2, 0.2) == 5  # not lower
+    assert checkpoint.keep_rank(5, nan, None) == 5 and checkpoint.keep_rank(5, nan, 0.2) == 5  # no signal: age
+    assert checkpoint.keep_rank(9, 0.5, None) > checkpoint.keep_rank(1000, 0.6, 0.5) > checkpoint.keep_rank(999, 0.7, 0.5)
+    for step, signal in ((2, 0.9), (4, 0.4), (6, 1.7)):
+        folder = tmp_path / checkpoint.dir_name(step)
+        folder.mkdir()
+        (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": step, "drift_signal": signal}))
+    # Against the checkpoints written before it: 0.5 is the lowest at step 3, not at step 8.
+    assert checkpoint.rank_for_keeping(str(tmp_path), None, 3, 0.5) == 3 + tier
+    assert checkpoint.rank_for_keeping(str(tmp_path), None, 8, 0.5) == 8
+    assert checkpoint.rank_for_keeping(str(tmp_path), None, 8, 0.39) == 8 + tier
 
 
 def test_the_projected_gap_samples_the_window_before_each_check_and_writes_its_trace(tmp_path):
