@@ -449,11 +449,13 @@ def run_collapse(settings: Settings, out: Path, latents: str, log=print) -> dict
         curves.setdefault(point["method"], []).append(
             {**point, "fvd_domain": m[FVD], "face_rate": m[FACE], "dynamic_degree": m["dynamic_degree"],
              "factor_agreement": m.get(FACTOR, float("nan")), "avg6": float(np.mean([m[v] for v in DIMS.values()]))})
+    guard = drift_guard_record(out, settings.collapse_methods, cfg.method.gen_update_every)
+    for method, record in guard.items():
+        record["stop_would_keep"] = stop_would_keep(curves.get(method, []), record)
     result = {"settings": _jsonable(settings), "every": every, "total_iterations": total, "lr": settings.collapse_lr,
               "floor": {"fvd_domain": floor[FVD], "face_rate": floor[FACE], "dynamic_degree": floor["dynamic_degree"],
                         "factor_agreement": floor.get(FACTOR)},
-              "drift_guard": drift_guard_record(out, settings.collapse_methods, cfg.method.gen_update_every),
-              "curves": curves, "seconds": round(time.time() - t0, 1)}
+              "drift_guard": guard, "curves": curves, "seconds": round(time.time() - t0, 1)}
     (out / "collapse.json").write_text(json.dumps(result, indent=2))
     plot_collapse(result, out / "collapse.png")
     return result
@@ -478,6 +480,28 @@ def drift_guard_record(out: Path, methods, gen_update_every: int) -> dict:
     return record
 
 
+def stop_would_keep(curve: list[dict], guard: dict) -> dict | None:
+    """The scored point a drift stop would have exported, or None where the guard never fired.
+
+    A collapse run checkpoints at every scored point, and a stop at the firing exports the
+    checkpoint written by then with the lowest signal (``checkpoint.best_by_drift``; the earliest
+    of equals); a checkpoint holds the signal of the last check at or before its step."""
+    fired = guard.get("fired_at_generator_update")
+    if fired is None:
+        return None
+
+    def signal_at(updates: float) -> float | None:
+        checked = [p["signal"] for p in guard.get("trace", []) if p["generator_updates"] <= updates]
+        return checked[-1] if checked else None
+
+    scored = [(signal_at(p["generator_updates"]), p) for p in curve if p["generator_updates"] <= fired]
+    scored = [(signal, p) for signal, p in scored if signal is not None]
+    if not scored:
+        return None
+    signal, point = min(scored, key=lambda sp: sp[0])
+    return {"signal": signal, **{k: point[k] for k in ("generator_updates", "fvd_domain", "face_rate")}}
+
+
 def plot_collapse(result: dict, path: Path) -> Path:
     import matplotlib
 
@@ -495,6 +519,10 @@ def plot_collapse(result: dict, path: Path) -> Path:
             fired = guard.get(method, {}).get("fired_at_generator_update")
             if fired is not None:  # where the guard fired, on every curve of its run
                 ax.axvline(fired, color=ax.lines[-1].get_color(), ls=":", lw=1.5)
+            kept = guard.get(method, {}).get("stop_would_keep")
+            if kept is not None and key in kept:  # what a stop at the firing would have exported
+                ax.plot([kept["generator_updates"]], [kept[key]], marker="*", ms=14, mfc="none",
+                        color=ax.lines[-1].get_color(), ls="none")
         if result["floor"].get(key) is not None:
             ax.axhline(result["floor"][key], color="k", ls="--", lw=1, label="real clips")
         ax.set(title=title, xlabel="generator updates")
@@ -513,7 +541,7 @@ def plot_collapse(result: dict, path: Path) -> Path:
             if g.get("fired_at_generator_update") is not None:
                 ax.axvline(g["fired_at_generator_update"], color=line.get_color(), ls=":", lw=1.5)
         kind = next(g["signal"] for g in guard.values() if g.get("trace"))
-        ax.set(title=f"drift guard: {kind} (dotted: fired)", xlabel="generator updates")
+        ax.set(title=f"guard {kind} (dotted: fired, star: kept)", xlabel="generator updates")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -277,6 +277,22 @@ def test_the_collapse_record_reads_the_guards_trace_in_generator_updates(tmp_pat
     assert png.stat().st_size > 0
 
 
+def test_a_stop_would_keep_the_scored_point_with_the_lowest_signal_written_by_the_firing():
+    from bench import portrait
+
+    curve = [{"generator_updates": u, "fvd_domain": f, "face_rate": 0.5} for u, f in ((30, 0.9), (60, 0.4), (90, 0.7), (120, 0.3))]
+    # Checks every 25 updates: the point at 30 holds the check at 25, the one at 60 the check at 50.
+    trace = [{"generator_updates": u, "signal": s} for u, s in ((25, 0.2), (50, 0.1), (75, 0.3), (100, 0.05))]
+    kept = portrait.stop_would_keep(curve, {"fired_at_generator_update": 90, "trace": trace})
+    assert kept == {"signal": 0.1, "generator_updates": 60, "fvd_domain": 0.4, "face_rate": 0.5}
+    # The lower signal at 100 comes after the firing: a stop never sees it.
+    assert portrait.stop_would_keep(curve, {"fired_at_generator_update": 120, "trace": trace})["generator_updates"] == 120
+    assert portrait.stop_would_keep(curve, {"fired_at_generator_update": None, "trace": trace}) is None
+    # Equal signals: the earliest checkpoint, as best_by_drift takes it.
+    flat = [{"generator_updates": u, "signal": 0.1} for u in (25, 50, 75)]
+    assert portrait.stop_would_keep(curve, {"fired_at_generator_update": 90, "trace": flat})["generator_updates"] == 30
+
+
 def test_teacher_captions_split_keeps_training_captions_out_of_the_held_out_side():
     from bench.teacher_captions import split_captions
 
