@@ -32,31 +32,6 @@ import time
 from pathlib import Path
 
 
-def split_captions(train_captions: list[str], candidates: list[str], n: int) -> tuple[list[int], list[int]]:
-    """``n`` evenly spaced indices into ``train_captions`` and the first ``n`` indices into
-    ``candidates`` whose caption no training clip has (fewer where too few are new)."""
-    if n < 1:
-        raise ValueError(f"--prompts must be at least 1, got {n}")
-    seen = list(range(0, len(train_captions), max(1, len(train_captions) // n)))[:n]
-    known = set(train_captions)
-    held_out = [i for i, c in enumerate(candidates) if c not in known][:n]
-    return seen, held_out
-
-
-def _sample(bundle, prompts: list[str], seeds: list[int], real_BTHWC, batch: int):
-    """uint8 samples ``[B, T, H, W, 3]`` at the real clips' size (their first frames as references
-    for an image-to-video teacher)."""
-    import numpy as np
-
-    samples = []
-    size = tuple(real_BTHWC.shape[1:4])
-    for lo in range(0, len(prompts), batch):
-        chunk = slice(lo, lo + batch)
-        images = [np.asarray(c[0]) for c in real_BTHWC[chunk]] if bundle.image_to_video else None
-        samples.append(bundle.generate(prompts[chunk], seeds[chunk], *size, images=images).numpy())
-    return np.concatenate(samples)
-
-
 def _round_trip(bundle, clips_BTHWC, batch: int):
     """uint8 clips through the teacher's VAE, encoded and decoded."""
     import numpy as np
@@ -66,22 +41,6 @@ def _round_trip(bundle, clips_BTHWC, batch: int):
     return np.concatenate([bundle.decode(bundle.encoders.encode_video(to_pixels(clips_BTHWC[lo:lo + batch])
                                                                       .to(bundle.device))).numpy()
                            for lo in range(0, len(clips_BTHWC), batch)])
-
-
-def face_rates(samples_BTHWC, real_BTHWC) -> dict:
-    """Face rates of samples and real clips (overall and per prompt) and the gap real − samples
-    with its standard error: every clip has the same frames, so a rate is the mean of the
-    per-prompt ones and the gap's error comes from the paired per-prompt differences."""
-    import numpy as np
-
-    from w2svd.metrics.portrait import face_detection_rate
-
-    ours = np.array([face_detection_rate(np.asarray(c)[None]) for c in samples_BTHWC])
-    real = np.array([face_detection_rate(np.asarray(c)[None]) for c in real_BTHWC])
-    gap = real - ours
-    return {"prompts": len(ours), "face_rate": float(ours.mean()), "face_rate_real": float(real.mean()),
-            "gap": float(gap.mean()), "gap_se": float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else None,
-            "face_rate_per_prompt": ours.round(3).tolist(), "face_rate_real_per_prompt": real.round(3).tolist()}
 
 
 def caption_factors(factors: list[dict], **clips_BTHWC) -> dict:
@@ -106,34 +65,28 @@ def caption_factors(factors: list[dict], **clips_BTHWC) -> dict:
 
 def measure(teacher_dir: Path, latents_dir: Path, config: str, prompts: int, steps: int, batch: int = 8,
             log=print) -> dict:
-    import dataclasses
-
     from bench.portrait_teacher import encoding_vae, load_world_latents
-    from w2svd.evalset import build_evalset, reference_clips, reference_factors
     from w2svd.generate import load_teacher_bundle
+    from w2svd.held_out import face_rates, held_out_face_rates, sample_like, split_captions
 
     vae = encoding_vae(latents_dir)
     bundle = load_teacher_bundle(str(teacher_dir), steps, config, [f"model.vae={vae}"] if vae else [], device="cpu")
     x0, train_captions = load_world_latents(latents_dir)
-    evalset = build_evalset(dataclasses.replace(bundle.cfg.eval, num_prompts=4 * prompts))
-    seen, held_out = split_captions(train_captions, evalset.prompts, prompts)
-    if len(held_out) < prompts:
-        log(f"[teacher-captions] only {len(held_out)} new captions among {len(evalset)} evaluation items")
+    seen, _ = split_captions(train_captions, [], prompts)
 
-    # The evaluation job's noise: item i starts from seed eval.seed + i on both sides, so the
-    # held-out side's first items are the report set's samples and the sides differ by caption only.
-    seeds = [it.seed for it in evalset.items]
+    # The evaluation job's noise on both sides (item i: seed eval.seed + i), so the sides differ by
+    # caption only and the held-out side's first items are the report set's samples.
+    seeds = [bundle.cfg.eval.seed + i for i in range(len(seen))]
     start = time.time()
     seen_real = bundle.decode(x0[seen])
-    rows = {"seen": face_rates(_sample(bundle, [train_captions[i] for i in seen], seeds[:len(seen)], seen_real, batch),
+    rows = {"seen": face_rates(sample_like(bundle, [train_captions[i] for i in seen], seeds, seen_real, batch),
                                seen_real)}
     log(f"[teacher-captions] seen: face rate {rows['seen']['face_rate']:.3f} ({time.time() - start:.0f} s)")
-    new_real, factors = reference_clips(evalset)[held_out], reference_factors(evalset)
-    new_samples = _sample(bundle, [evalset.prompts[i] for i in held_out], [seeds[i] for i in held_out], new_real, batch)
-    rows["held_out"] = {**face_rates(new_samples, new_real), "evalset_index": held_out,
+    new = held_out_face_rates(bundle, train_captions, prompts, batch, log=log)
+    rows["held_out"] = {**new.rates,
                         # The VAE round trip: what of the real clips' factors the latents can carry at all.
-                        "factors": caption_factors([factors[i] for i in held_out], samples=new_samples, real=new_real,
-                                                   vae=_round_trip(bundle, new_real, batch))}
+                        "factors": caption_factors(new.factors, samples=new.samples_BTHWC, real=new.real_BTHWC,
+                                                   vae=_round_trip(bundle, new.real_BTHWC, batch))}
     log(f"[teacher-captions] held out: face rate {rows['held_out']['face_rate']:.3f} ({time.time() - start:.0f} s)")
     return {"teacher": str(teacher_dir), "latents": str(latents_dir), "config": config, "steps": steps,
             "guidance_scale": bundle.cfg.method.guidance_scale, "training_clips": len(train_captions),

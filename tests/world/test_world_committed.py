@@ -89,3 +89,24 @@ def test_motion_probe_reads_the_committed_teachers_change_between_latent_frames(
     # against 0.26 on 16 prompts when committed; a model that ignored its input could not).
     assert rows[0.4]["change_cosine"] > rows[0.4]["input_change_cosine"] + 0.2, rows[0.4]
     assert rows[0.05]["change_cosine"] > rows[0.95]["change_cosine"] + 0.3, rows
+
+
+@pytest.mark.timeout(300)
+def test_held_out_captions_are_new_ones_and_their_clips_hold_faces(fresh_cache):
+    """The world check's face criterion (``w2svd.held_out``) on the committed teacher: items whose
+    caption a training clip has are skipped, the real side renders each caption, and the gap is
+    real − samples over the same prompts."""
+    from w2svd.evalset import build_evalset
+    from w2svd.generate import load_teacher_bundle
+    from w2svd.held_out import held_out_face_rates
+
+    bundle = load_teacher_bundle("portrait", 4, "portrait", device="cpu")
+    first = build_evalset(load_config("portrait", ["eval.num_prompts=12"]).eval).prompts
+    held = held_out_face_rates(bundle, train_captions=first[:2], n=3, batch=3)
+    r = held.rates
+    assert r["evalset_index"] == [2, 3, 4] and r["prompts"] == 3  # items 0 and 1 are "training" captions
+    assert held.samples_BTHWC.shape == held.real_BTHWC.shape and held.samples_BTHWC.dtype == np.uint8
+    assert r["face_rate_real"] > 0.2 and 0 <= r["face_rate"] <= 1  # rendered portraits (0.41 when written)
+    assert r["gap"] == pytest.approx(np.mean(r["face_rate_real_per_prompt"]) - np.mean(r["face_rate_per_prompt"]),
+                                     abs=2e-3)
+    assert len(held.factors) == 3

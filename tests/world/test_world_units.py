@@ -294,7 +294,7 @@ def test_a_stop_would_keep_the_scored_point_with_the_lowest_signal_written_by_th
 
 
 def test_teacher_captions_split_keeps_training_captions_out_of_the_held_out_side():
-    from bench.teacher_captions import split_captions
+    from w2svd.held_out import split_captions
 
     train = [f"caption {i}" for i in range(10)]
     candidates = ["caption 3", "new a", "caption 9", "new b", "new c"]
@@ -305,3 +305,19 @@ def test_teacher_captions_split_keeps_training_captions_out_of_the_held_out_side
     assert held_out == [1, 3, 4]  # fewer where too few are new
     with pytest.raises(ValueError, match="at least 1"):
         split_captions(train, candidates, 0)
+
+
+def test_the_teacher_check_judges_faces_on_the_held_out_gap_not_the_report_set():
+    from pipelines.evaluate import FVD_KEY
+    from pipelines.world import teacher_verdict
+
+    rows = {"real": {FVD_KEY: 0.6, "face_detection_rate": 0.8, "factor/talking": 0.7},
+            "teacher-28": {FVD_KEY: 1.1, "face_detection_rate": 0.4, "factor/talking": 0.6},
+            "teacher-1": {FVD_KEY: 1.0}}
+    verdict = teacher_verdict(rows, {"gap": 0.06}, 28)
+    # The report set's 0.4 against 0.8 does not decide: the held-out gap of 0.06 does.
+    assert verdict == {"face_rate_within": True, "fvd_within_floor_factor": True,
+                       "talking_agreement_at_least_real": True, "28_beats_1_step_fvd": False}
+    assert not teacher_verdict(rows, {"gap": -0.11}, 28)["face_rate_within"]  # too many faces fails too
+    rows["teacher-28"][FVD_KEY] = 1.3
+    assert not teacher_verdict(rows, {"gap": 0.0}, 28)["fvd_within_floor_factor"]
