@@ -321,3 +321,15 @@ def test_the_teacher_check_judges_faces_on_the_held_out_gap_not_the_report_set()
     assert not teacher_verdict(rows, {"gap": -0.11}, 28)["face_rate_within"]  # too many faces fails too
     rows["teacher-28"][FVD_KEY] = 1.3
     assert not teacher_verdict(rows, {"gap": 0.0}, 28)["fvd_within_floor_factor"]
+
+
+def test_the_guard_signal_bench_measures_the_gap_the_guard_measures():
+    from bench.guard_signals import projected_gap_to, spearman
+
+    g = torch.Generator().manual_seed(0)
+    ref_BCTHW = torch.randn(32, 4, 3, 8, 8, generator=g)
+    pooled_BD = torch.randn(32, 6, generator=g)
+    assert projected_gap_to(ref_BCTHW, ref_BCTHW, pooled_BD) == 0.0
+    gaps = [projected_gap_to(ref_BCTHW, ref_BCTHW + shift, pooled_BD) for shift in (0.1, 0.5, 2.0)]
+    assert 0 < gaps[0] < gaps[1] < gaps[2]
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8) and spearman([1, 2], [1, 2]) is None
