@@ -7,7 +7,8 @@ scored point's domain FVD) and the exports it scored (``DIR/collapse/exports/MET
 Every export samples the same ``--rows`` conditions of the world's training shards from the same
 noise, and each candidate signal is measured as the drift guard measures ``proj_gap``
 (``w2svd.drift``: a sample beside its pooled condition, 16 fixed projections, sliced W1 over the
-reference's projected std), against two references:
+reference's projected std), on two summaries (the guard's pooled means; ``_detail``: with each
+pooled cell's local std, ``summarize_BF(local_std=True)``) and against two references:
 
     data      the training latents of those conditions: the guard's own signal
     teacher   the teacher's samples for those conditions (its Euler sampler at
@@ -25,18 +26,19 @@ import json
 import time
 from pathlib import Path
 
-SIGNALS = ("data", "teacher")
+# reference × summary: the pooled means alone (the guard's), or with each cell's local std.
+SIGNALS = ("data", "data_detail", "teacher", "teacher_detail")
 
 
-def projected_gap_to(reference_BCTHW, samples_BCTHW, pooled_BD, seed: int = 0) -> float:
+def projected_gap_to(reference_BCTHW, samples_BCTHW, pooled_BD, local_std: bool = False, seed: int = 0) -> float:
     """``w2svd.drift.projected_gap`` of ``samples`` against ``reference`` (each row beside its
     pooled condition), in the reference's units, on the guard's fixed projection."""
     from w2svd.drift import joint_features, projected_gap, random_projection_FK, summarize_BF
 
-    scale_x = float(summarize_BF(reference_BCTHW).std().clamp_min(1e-12))
+    scale_x = float(summarize_BF(reference_BCTHW, local_std=local_std).std().clamp_min(1e-12))
     scale_c = float(summarize_BF(pooled_BD).pow(2).mean().sqrt().clamp_min(1e-12))
-    ref = joint_features(reference_BCTHW, pooled_BD, scale_x, scale_c)
-    ours = joint_features(samples_BCTHW, pooled_BD, scale_x, scale_c)
+    ref = joint_features(reference_BCTHW, pooled_BD, scale_x, scale_c, local_std)
+    ours = joint_features(samples_BCTHW, pooled_BD, scale_x, scale_c, local_std)
     proj_FK = random_projection_FK(ref.shape[1], 16, seed)
     return projected_gap(ours @ proj_FK, ref @ proj_FK)
 
@@ -78,9 +80,11 @@ def measure(runs: list[Path], config: str, rows: int, batch: int = 16, log=print
 
     def signals(bundle) -> dict:
         ours = sample(bundle)
-        return {"data": projected_gap_to(data, ours, pooled), "teacher": projected_gap_to(target, ours, pooled)}
+        return {f"{name}{'_detail' if detail else ''}": projected_gap_to(ref, ours, pooled, detail)
+                for name, ref in (("data", data), ("teacher", target)) for detail in (False, True)}
 
-    out = {"config": config, "rows": len(prompts), "teacher_vs_data": projected_gap_to(data, target, pooled), "runs": {}}
+    out = {"config": config, "rows": len(prompts), "runs": {},
+           "teacher_vs_data": {"data": projected_gap_to(data, target, pooled), "data_detail": projected_gap_to(data, target, pooled, True)}}
     for run in runs:
         collapse = json.loads((run / "collapse.json").read_text())
         record = {}

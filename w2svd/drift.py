@@ -67,12 +67,21 @@ def earliest_firing_step(every: int, warmup: int, patience: int) -> int:
 # The projection statistic
 
 
-def summarize_BF(x: torch.Tensor, pooled: int = 4) -> torch.Tensor:
+def summarize_BF(x: torch.Tensor, pooled: int = 4, local_std: bool = False) -> torch.Tensor:
     """Flat features ``[B, F]``: ``[B, D]`` as is; video latents ``[B, C, T, H, W]`` average-pooled to
-    at most ``pooled × pooled`` per frame first, so the projection stays small at any resolution."""
-    if x.dim() > 3:
-        x = torch.nn.functional.adaptive_avg_pool2d(x.flatten(0, -3), pooled).reshape(*x.shape[:-2], -1)
-    return x.reshape(x.shape[0], -1).float()
+    at most ``pooled × pooled`` per frame first, so the projection stays small at any resolution.
+
+    ``local_std`` appends each pooled cell's standard deviation, ``sqrt(mean(x²) − mean(x)²)``: the
+    detail inside a cell (edges, texture) that the average removes, where a sharper or a blurrier
+    sample of the same layout differs."""
+    if x.dim() <= 3:
+        return x.reshape(x.shape[0], -1).float()
+    cells = x.flatten(0, -3).float()
+    mean = torch.nn.functional.adaptive_avg_pool2d(cells, pooled)
+    parts = [mean]  # the plain summary first: local_std only appends
+    if local_std:
+        parts.append((torch.nn.functional.adaptive_avg_pool2d(cells.pow(2), pooled) - mean.pow(2)).clamp_min(0).sqrt())
+    return torch.cat([part.reshape(x.shape[0], -1) for part in parts], dim=1)
 
 
 def random_projection_FK(features: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -96,10 +105,11 @@ def sliced_w1(a_NK: torch.Tensor, b_MK: torch.Tensor) -> float:
     return float((quantiles(a_NK) - quantiles(b_MK)).abs().mean())
 
 
-def joint_features(x: torch.Tensor, cond_x: torch.Tensor | None, scale_x: float, scale_c: float) -> torch.Tensor:
+def joint_features(x: torch.Tensor, cond_x: torch.Tensor | None, scale_x: float, scale_c: float,
+                   local_std: bool = False) -> torch.Tensor:
     """``[x/scale_x, c/scale_c]``: a sample beside its condition, each part in units of its own scale,
     so that random directions mix both and the statistic sees conditionals, not only the marginal."""
-    parts = [summarize_BF(x) / scale_x]
+    parts = [summarize_BF(x, local_std=local_std) / scale_x]
     if cond_x is not None:
         parts.append(summarize_BF(cond_x) / scale_c)
     return torch.cat(parts, dim=1)

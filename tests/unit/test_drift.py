@@ -53,6 +53,23 @@ def test_summarize_pools_video_latents_to_a_small_vector():
     assert summarize_BF(torch.zeros(2, 7)).shape == (2, 7)
 
 
+def test_the_local_std_sees_detail_that_the_pooled_mean_averages_away():
+    # A smooth layout, and the same layout with a ±a checkerboard: equal means in every 2×2 cell.
+    g = torch.Generator().manual_seed(0)
+    smooth_BCTHW = torch.randn(2, 3, 2, 2, 2, generator=g).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    a = 0.7
+    board_HW = a * (1 - 2 * ((torch.arange(4)[:, None] + torch.arange(4)[None]) % 2)).float()
+    textured_BCTHW = smooth_BCTHW + board_HW
+    pooled = summarize_BF(smooth_BCTHW, pooled=2)
+    torch.testing.assert_close(summarize_BF(textured_BCTHW, pooled=2), pooled)
+    plain, detailed = summarize_BF(smooth_BCTHW, 2, local_std=True), summarize_BF(textured_BCTHW, 2, local_std=True)
+    assert detailed.shape == (2, 2 * 3 * 2 * 4)
+    # The plain summary, then every cell's std.
+    torch.testing.assert_close(detailed[:, :24], pooled)
+    torch.testing.assert_close(plain[:, 24:], torch.zeros(2, 24), atol=1e-3, rtol=0)
+    torch.testing.assert_close(detailed[:, 24:], torch.full((2, 24), a), atol=1e-3, rtol=0)
+
+
 def _run(guard: DriftGuard, values):
     return [guard.decide(i, v) for i, v in enumerate(values)]
 
