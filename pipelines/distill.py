@@ -39,7 +39,7 @@ def train_loop_per_worker(config: dict) -> None:
         return lcm_loop(s, teacher)
 
     if s.rank == 0:
-        warn_if_unguarded(cfg)
+        warn_about_the_guard(cfg)
     roles = build_roles_from_config(teacher, cfg.method).to(s.device)
     shares_base = cfg.method.generator == "lora"
     critic, generator = make_role_engines(roles, cfg, load_universal=s.reshaped)
@@ -122,18 +122,24 @@ def lcm_loop(s: WorkerSession, teacher) -> None:
     s.finish(trained)
 
 
-def warn_if_unguarded(cfg: Config) -> None:
-    """Say so when the drift guard's warmup and patience outlast the run."""
+def warn_about_the_guard(cfg: Config) -> None:
+    """Say so when the drift guard's warmup and patience outlast the run, or when it can act
+    before the first checkpoint (a stop then has no checkpointed state to keep)."""
     h = cfg.health
     if not h.drift_enabled:
         return
     first = earliest_firing_step(check_interval(h.drift_every, cfg.method.gen_update_every),
                                  h.drift_warmup, h.drift_patience)
+    # Warnings, not errors: short runs (smoke tests, the table's) are legitimately unguarded.
     if first > cfg.optim.steps:
-        # A warning, not an error: short runs (smoke tests, the table's) are legitimately unguarded.
         print(f"[w2svd] warning: the drift guard cannot fire in this run: its earliest firing is step {first} "
               f"(health.drift_every × (max(drift_warmup, 1) + drift_patience)), after optim.steps = "
               f"{cfg.optim.steps}", file=sys.stderr, flush=True)
+    elif h.drift_action != "log" and cfg.optim.checkpoint_every > first:
+        print(f"[w2svd] warning: the drift guard can act at step {first}, before the first checkpoint "
+              f"(optim.checkpoint_every = {cfg.optim.checkpoint_every}): a stop there exports the state at the "
+              f"stop and a rollback starts over; set optim.checkpoint_every to at most {first}",
+              file=sys.stderr, flush=True)
 
 
 def check(cfg: Config) -> None:

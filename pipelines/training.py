@@ -55,10 +55,20 @@ def main(program: str, train_loop: Callable[[dict], None], argv: list[str] | Non
         if result.get("status") == "stopped":
             # Exit 0 only when this stop exported its kept state: an export left in RUN_DIR by an
             # earlier incarnation that ran to its last step says "last".
-            if result.get("stopped_by") == "drift" and result.get("export_kept_by") == "drift":
-                print(f"{prog}: the drift guard stopped training ({result['reason']}); exported its best state, "
-                      f"{result.get('best_checkpoint')}", file=sys.stderr)
-                return 0
+            if result.get("stopped_by") == "drift":
+                kept = result.get("export_kept_by")
+                if kept == "drift":
+                    print(f"{prog}: the drift guard stopped training ({result['reason']}); exported its best state, "
+                          f"{result.get('best_checkpoint')}", file=sys.stderr)
+                    return 0
+                if kept == "drift-at-stop":
+                    print(f"{prog}: the drift guard stopped training ({result['reason']}) before any checkpoint; "
+                          "exported the state at the stop (lower optim.checkpoint_every to keep the best)",
+                          file=sys.stderr)
+                    return 0
+                print(f"{prog}: the drift guard stopped training ({result['reason']}); nothing was exported",
+                      file=sys.stderr)
+                return 1
             print(f"{prog}: training stopped by the health check: {result['reason']}", file=sys.stderr)
             return 1
         return 0
@@ -137,12 +147,15 @@ def train(program: str, train_loop: Callable[[dict], None], cfg: Config, data: s
     health = storage.read_json(storage.join(run, HEALTH_FILE), options) or {}
     metrics = fit.metrics or {}
     export = storage.join(run, EXPORT_DIR)
+    marker = storage.read_json(storage.join(export, EXPORT_MARKER), options) or {}
     result = {
         "status": "stopped" if health.get("stopped") else "finished",
         "checkpoint": location,
         "export": export if storage.exists(export, options) else None,
-        "export_kept_by": (storage.read_json(storage.join(export, EXPORT_MARKER), options) or {}).get("kept_by"),
-        "steps": int(metrics.get("step", 0)),
+        "export_kept_by": marker.get("kept_by"),
+        # The state the export holds: after a drift stop not the last checkpoint's (``steps``).
+        "export_step": marker.get("step"),
+        "steps": int(metrics.get("step", 0)),  # of the newest checkpoint
         "method": "finetune" if program == "finetune" else cfg.method.name,
         "program": program,
         "rollbacks": int(health.get("rollbacks", 0)),

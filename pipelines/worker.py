@@ -15,6 +15,7 @@ import json
 import random
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,6 +66,10 @@ class WorkerSession:
     data_position: int = 0
     resumed: bool = False
     export_only: bool = False
+    # What the export holds (its marker's kept_by): "last" (the last step), "drift" (the checkpoint
+    # with the best drift signal, after a drift stop), "drift-at-stop" (a drift stop before any
+    # checkpoint recorded the signal: the state at the stop).
+    export_kept_by: str = "last"
     # The checkpoint this run resumes from (the newest written in band) and its state.json.
     resume_uri: str | None = None
     resume_state: dict | None = None
@@ -168,13 +173,20 @@ class WorkerSession:
     def restore_best_by_drift(self, trained: list[Trained], extra: dict[str, nn.Module] | None = None,
                               ema=None) -> bool:
         """After the drift guard stopped the run: load the checkpoint with the best drift signal
-        (every rank), the state the guard keeps, so that it is what gets exported. False when the
-        stop was not the drift guard's or no checkpoint recorded a signal."""
+        (every rank), the state the guard keeps, so that it is what gets exported; where no
+        checkpoint recorded a signal yet, the state at the stop is exported, and said so. False
+        when the stop was not the drift guard's."""
         if self.guards.stopped_by != "drift":
             return False
         uri = checkpoint.best_by_drift(storage.join(self.run_dir, TRAIN_NAME), self.options)
         if uri is None:
-            return False
+            self.export_kept_by = "drift-at-stop"
+            if self.rank == 0:
+                print(f"[w2svd] warning: the drift guard stopped the run at step {self.step}, before any checkpoint "
+                      f"recorded its signal (optim.checkpoint_every = {self.cfg.optim.checkpoint_every}): exporting "
+                      "the state at the stop, not the best one", file=sys.stderr, flush=True)
+            return True
+        self.export_kept_by = "drift"
         self._load(uri, trained, extra, ema)
         if self.rank == 0:
             print(f"[w2svd] drift stop: exporting the best state by the drift signal, {uri} (step {self.step})",
@@ -333,8 +345,8 @@ class WorkerSession:
             if self.rank == 0:
                 with tempfile.TemporaryDirectory(prefix="w2svd-export-") as tmp:
                     write(Path(tmp))
-                    kept_by = "drift" if self.guards.stopped_by == "drift" else "last"
-                    (Path(tmp) / EXPORT_MARKER).write_text(json.dumps({"step": self.step, "kept_by": kept_by}))
+                    (Path(tmp) / EXPORT_MARKER).write_text(json.dumps({"step": self.step,
+                                                                        "kept_by": self.export_kept_by}))
                     storage.upload_folder(Path(tmp), storage.join(self.run_dir, EXPORT_DIR), self.options)
                 print(f"[w2svd] exported generator to {storage.join(self.run_dir, EXPORT_DIR)}", flush=True)
         barrier()

@@ -327,11 +327,26 @@ def test_a_drift_stop_exports_the_best_state_by_the_signal(services, tmp_path, c
     signals = {int(p.name.removeprefix("checkpoint_step")): json.loads((p / "state.json").read_text())["drift_signal"]
                for p in kept.parent.glob("checkpoint_step*")}
     assert int(kept.name.removeprefix("checkpoint_step")) == min(signals, key=signals.get) < fired
-    # The export is the kept state (result.json's steps), not the state at the stop.
-    assert result["steps"] == int(kept.name.removeprefix("checkpoint_step"))
+    # The export is the kept state (result.json's export_step), not the state at the stop.
+    assert result["export_step"] == int(kept.name.removeprefix("checkpoint_step"))
     backbone, _ = load_generator(run_dir / "export")
     assert all(torch.isfinite(p).all() for p in backbone.parameters())
     assert "exported its best state" in capsys.readouterr().err
+
+
+def test_a_drift_stop_before_any_checkpoint_exports_the_state_at_the_stop_and_says_so(services, tmp_path, capsys):
+    """The same guard with no checkpoint due before it fires: there is no kept state to load, so
+    the export is the state at the stop, marked as such, and the command still exits 0."""
+    run_dir = tmp_path / "drift-stop-early"
+    args = ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
+            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=12", "optim.checkpoint_every=100",
+            "health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_warmup=0",
+            "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_rise=0"]
+    assert distill.main(args) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["stopped_by"] == "drift" and result["export_kept_by"] == "drift-at-stop"
+    assert result["best_checkpoint"] is None and result["export_step"] == result["drift_fired_at"] < 12
+    assert "before any checkpoint; exported the state at the stop" in capsys.readouterr().err
 
 
 def test_the_checkpoint_with_the_lowest_drift_signal_outlives_newer_ones(services, tmp_path):

@@ -105,14 +105,20 @@ def test_the_projected_gap_samples_the_window_before_each_check_and_writes_its_t
     assert trace["trace"][1][1] > trace["trace"][0][1] + 5
 
 
-def test_a_distillation_shorter_than_the_guards_warmup_and_patience_is_told_so(capsys):
-    from pipelines.distill import warn_if_unguarded
+def test_a_distillation_the_guard_cannot_watch_or_keep_from_is_told_so(capsys):
+    from pipelines.distill import warn_about_the_guard
 
     base = ["method.gen_update_every=2", "health.drift_every=null", "health.drift_warmup=10", "health.drift_patience=8"]
-    warn_if_unguarded(load_config("debug", [*base, "optim.steps=179"]))
+    warn_about_the_guard(load_config("debug", [*base, "optim.steps=179"]))
     assert "cannot fire in this run: its earliest firing is step 180" in capsys.readouterr().err
-    warn_if_unguarded(load_config("debug", [*base, "optim.steps=180"]))
+    warn_about_the_guard(load_config("debug", [*base, "optim.steps=180"]))
     assert capsys.readouterr().err == ""
+    # The portrait world's checkpoint interval (250) leaves the guard nothing to keep at 180.
+    warn_about_the_guard(load_config("debug", [*base, "optim.steps=1000", "optim.checkpoint_every=250"]))
+    assert "can act at step 180, before the first checkpoint" in capsys.readouterr().err
+    for quiet in ("optim.checkpoint_every=180", "health.drift_action=log"):
+        warn_about_the_guard(load_config("debug", [*base, "optim.steps=1000", "optim.checkpoint_every=250", quiet]))
+        assert capsys.readouterr().err == "", quiet
 
 
 def test_only_a_guard_that_acts_and_is_past_warmup_marks_states_out_of_band(tmp_path):
