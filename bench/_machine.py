@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, in the words docs/benchmarks.md records it."""
+"""The machine a benchmark runs on: how it starts there, and how docs/benchmarks.md records it."""
 
 from __future__ import annotations
 
@@ -15,3 +15,15 @@ def describe() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} cores ({cpu})"
+
+
+def start_local(threads: int | None) -> None:
+    """The local defaults every command starts with (``pipelines.startup``), and ``threads`` torch
+    threads where given (a benchmark run beside another on the 2 cores)."""
+    from pipelines.startup import set_local_env_defaults
+
+    set_local_env_defaults()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

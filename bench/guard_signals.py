@@ -26,6 +26,8 @@ import json
 import time
 from pathlib import Path
 
+from bench._machine import start_local
+
 # reference × summary: the pooled means alone (the guard's), or with each cell's local std.
 SIGNALS = ("data", "data_detail", "teacher", "teacher_detail")
 
@@ -125,13 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no collapse.json in {', '.join(missing)}: give `w2svd bench portrait --study collapse` outputs")
     if args.rows < 2:
         p.error("--rows must be at least 2")
-    from pipelines.startup import set_local_env_defaults
-
-    set_local_env_defaults()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_local(args.threads)
     result = measure(args.runs, args.config, args.rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

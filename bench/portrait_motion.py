@@ -24,6 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench._machine import start_local
+
 PROBE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 
 
@@ -96,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.prompts < 1:
         p.error("--prompts must be at least 1")
-    from pipelines.startup import set_local_env_defaults
-
-    set_local_env_defaults()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_local(args.threads)
     report = measure(args.config, args.teacher, args.prompts)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "motion.json").write_text(json.dumps(report, indent=2))

@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from bench._machine import start_local
+
 # name: (lr, sigma density, attention_head_dim, AdamW β1, (double-stream, single-stream) blocks).
 # 4 heads; rope axes scale with the head. β1 0 is optim.betas' (the distillation roles'), which
 # the fine-tune used before it had its own optim.finetune_betas. 2 + 2 blocks is the world's.
@@ -164,13 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if not (args.latents / "config.yaml").is_file():
         p.error(f"{args.latents} is not a built world teacher folder (no config.yaml)")
-    from pipelines.startup import set_local_env_defaults
-
-    set_local_env_defaults()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_local(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         row = run_variant(name, args.latents, args.steps, args.batch, args.out, args.samples)

@@ -31,6 +31,8 @@ import json
 import time
 from pathlib import Path
 
+from bench._machine import start_local
+
 
 def _round_trip(bundle, clips_BTHWC, batch: int):
     """uint8 clips through the teacher's VAE, encoded and decoded."""
@@ -109,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{latents} holds no pre-encoded shards (no shards/): give the teacher's --latents")
     if args.prompts < 1:
         p.error("--prompts must be at least 1")
-    from pipelines.startup import set_local_env_defaults
-
-    set_local_env_defaults()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_local(args.threads)
     row = measure(args.teacher, latents, args.config, args.prompts, args.steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2) + "\n")

@@ -310,15 +310,19 @@ def test_distill_refuses_euler(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().err
 
 
+def _drift_stop_args(services, run_dir: Path, checkpoint_every: int) -> list[str]:
+    """A 12-step distillation whose guard stops it at the first rise of the critic's loss."""
+    return ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
+            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=12", f"optim.checkpoint_every={checkpoint_every}",
+            "health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_warmup=0",
+            "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_rise=0"]
+
+
 def test_a_drift_stop_exports_the_best_state_by_the_signal(services, tmp_path, capsys):
     """A guard set to fire at the first rise of the critic's loss (checked every step, no band):
     the run stops, loads the checkpoint with the lowest signal and exports it; the command exits 0."""
     run_dir = tmp_path / "drift-stop"
-    args = ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
-            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=12", "optim.checkpoint_every=2",
-            "health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_warmup=0",
-            "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_rise=0"]
-    assert distill.main(args) == 0
+    assert distill.main(_drift_stop_args(services, run_dir, checkpoint_every=2)) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "stopped" and result["stopped_by"] == "drift" and "drift" in result["reason"]
     assert result["export_kept_by"] == "drift"  # the worker's marker, not just an export folder
@@ -338,11 +342,7 @@ def test_a_drift_stop_before_any_checkpoint_exports_the_state_at_the_stop_and_sa
     """The same guard with no checkpoint due before it fires: there is no kept state to load, so
     the export is the state at the stop, marked as such, and the command still exits 0."""
     run_dir = tmp_path / "drift-stop-early"
-    args = ["--data", services["latents"], "--run-dir", str(run_dir), "--config", "debug", *COMMON,
-            f"tracking.tracking_uri={services['mlflow']}", "optim.steps=12", "optim.checkpoint_every=100",
-            "health.drift_signal=critic_loss", "health.drift_every=1", "health.drift_warmup=0",
-            "health.drift_patience=1", "health.drift_smoothing=0", "health.drift_rise=0"]
-    assert distill.main(args) == 0
+    assert distill.main(_drift_stop_args(services, run_dir, checkpoint_every=100)) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["stopped_by"] == "drift" and result["export_kept_by"] == "drift-at-stop"
     assert result["best_checkpoint"] is None and result["export_step"] == result["drift_fired_at"] < 12
