@@ -333,3 +333,24 @@ def test_the_guard_signal_bench_measures_the_gap_the_guard_measures():
     gaps = [projected_gap_to(ref_BCTHW, ref_BCTHW + shift, pooled_BD) for shift in (0.1, 0.5, 2.0)]
     assert 0 < gaps[0] < gaps[1] < gaps[2]
     assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8) and spearman([1, 2], [1, 2]) is None
+
+
+def test_the_seed_summary_pairs_the_methods_ends_and_reads_what_a_stop_keeps():
+    from bench.collapse_seeds import markdown, summarize
+
+    def run(dmd2, w2svd, fired):
+        curve = lambda fvds: [{"generator_updates": u, "fvd_domain": f, "face_rate": 0.5}  # noqa: E731
+                              for u, f in zip((30, 60, 90), fvds)]
+        trace = [{"generator_updates": u, "signal": s} for u, s in ((30, 0.1), (60, 0.2), (90, 0.3))]
+        return {"curves": {"dmd2": curve(dmd2), "w2svd": curve(w2svd)},
+                "drift_guard": {"dmd2": {"fired_at_generator_update": fired, "trace": trace},
+                                "w2svd": {"fired_at_generator_update": None, "trace": trace}}}
+
+    s = summarize({"s0": run((0.5, 0.7, 0.8), (0.6, 0.6, 0.5), 90), "s1": run((0.6, 0.6, 0.6), (0.7, 0.6, 0.4), 60)})
+    assert s["end_dmd2_minus_w2svd"]["values"] == pytest.approx([0.3, 0.2])
+    assert s["end_dmd2_minus_w2svd"]["mean"] == pytest.approx(0.25) and s["end_dmd2_minus_w2svd"]["se"] == pytest.approx(0.05)
+    assert s["runs"]["s0"]["dmd2"]["stop_would_keep"]["generator_updates"] == 30  # the lowest signal by the firing
+    assert s["runs"]["s0"]["dmd2"]["keep_minus_end"] == pytest.approx(-0.3) and s["runs"]["s0"]["w2svd"]["stop_would_keep"] is None
+    assert s["fired"] == 2 and s["run_methods"] == 4 and s["keep_minus_end_mean"] == pytest.approx((-0.3 + 0.0) / 2)
+    assert s["mean"]["w2svd"][90] == {"mean": pytest.approx(0.45), "sd": pytest.approx(0.0707, abs=1e-4), "runs": 2}
+    assert "| s0 | DMD2 | 0.500 → 0.700 → 0.800 | 0.500 (30) | 0.800 | 90 | 0.500 (30) | -0.300 |" in markdown(s)
