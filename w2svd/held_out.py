@@ -1,7 +1,7 @@
 """A teacher's face rate on captions it never trained on, beside the clips those captions describe.
 
 The evaluation job's report set has 16 prompts, and a face rate over 16 prompts spreads by about
-±0.1 (docs/benchmarks.md, "Teacher captions"): too coarse to judge "within 0.1 of the real
+±0.1 (docs/benchmarks.md, "The face criterion on 64 prompts"): too coarse to judge "within 0.1 of the real
 clips'". Here the evaluation set is grown to ``4 × n`` items and the first ``n`` whose caption no
 training clip has are sampled from the evaluation job's noise (item ``i``: seed ``eval.seed + i``),
 so the first of them are the report set's own samples. The gap real − samples comes with its
