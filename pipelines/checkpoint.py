@@ -229,7 +229,8 @@ def keep_rank(step: int, drift_signal: float, earlier_best: float | None) -> flo
     So the newest checkpoints are kept while the signal improves, and the one with the lowest
     signal, the state a drift stop exports, is always kept: ranked by age alone, it would be
     deleted three checkpoints after the signal's best, which can come before the guard fires
-    (warm-up and patience are counted in checks, not checkpoints). Without a signal (the fine-tune, a guard turned off) the rank is the step: the newest."""
+    (warm-up and patience are counted in checks, not checkpoints). Without a signal (the
+    fine-tune, a guard turned off) the rank is the step: the newest."""
     lowered = math.isfinite(drift_signal) and (earlier_best is None or drift_signal < earlier_best)
     return float(step) + (BEST_TIER if lowered else 0.0)
 

@@ -228,9 +228,11 @@ class WorkerSession:
         try:
             checkpoint.write(tmp, trained, self.rank, state, checkpoint.rng_states(self.rng, self.device), samples,
                              extra or {}, None if ema is None else ema.state_dict(), to_yaml(self.cfg))
-            keep = checkpoint.rank_for_keeping(storage.join(self.run_dir, TRAIN_NAME), self.options, self.step,
-                                               self.guards.drift.signal)
-            ray.train.report({**metrics, "step": self.step, **self.stats(), checkpoint.KEEP_RANK: keep},
+            # Ray Train ranks a checkpoint by rank 0's metrics only: the other ranks skip the reads.
+            keep = {checkpoint.KEEP_RANK: checkpoint.rank_for_keeping(storage.join(self.run_dir, TRAIN_NAME),
+                                                                      self.options, self.step,
+                                                                      self.guards.drift.signal)} if self.rank == 0 else {}
+            ray.train.report({**metrics, "step": self.step, **self.stats(), **keep},
                              checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=checkpoint.dir_name(self.step))
         finally:
