@@ -65,28 +65,28 @@ def measure(runs: list[Path], config: str, rows: int, batch: int = 16, log=print
     picked = list(range(0, len(x0), max(1, len(x0) // rows)))[:rows]
     data, prompts = x0[picked], [captions[i] for i in picked]
     seeds = list(range(len(picked)))  # one fixed noise per row for every model
-    frames = None
+    teacher = load_teacher_bundle(config, load_config(config).method.teacher_steps, config, device="cpu")
+    frames = teacher.default_size()
+    pooled = teacher.encoders.encode_text(prompts)[2]
 
     def sample(bundle, offset: int = 0) -> torch.Tensor:
-        nonlocal frames
-        frames = frames or bundle.default_size()
         return torch.cat([bundle.generate_latents(prompts[lo:lo + batch], [s + offset for s in seeds[lo:lo + batch]],
                                                   *frames) for lo in range(0, len(prompts), batch)])
 
-    teacher = load_teacher_bundle(config, load_config(config).method.teacher_steps, config, device="cpu")
-    pooled = teacher.encoders.encode_text(prompts)[2]
+    def gaps(ours: torch.Tensor, references: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {f"{name}{'_detail' if detail else ''}": projected_gap_to(ref, ours, pooled, detail)
+                for name, ref in references.items() for detail in (False, True)}
+
     # The teacher's own noise (offset): against the students' noise it would favour a student
     # that kept the teacher's map from noise to sample over one that found another.
     target = sample(teacher, offset=10_000)
     log(f"[guard-signals] teacher: {len(prompts)} samples ({time.time() - t0:.0f} s)")
+    starts: dict[str, dict] = {}  # the start's signals, per student sampler (alike in every run)
 
     def signals(bundle) -> dict:
-        ours = sample(bundle)
-        return {f"{name}{'_detail' if detail else ''}": projected_gap_to(ref, ours, pooled, detail)
-                for name, ref in (("data", data), ("teacher", target)) for detail in (False, True)}
+        return gaps(sample(bundle), {"data": data, "teacher": target})
 
-    out = {"config": config, "rows": len(prompts), "runs": {},
-           "teacher_vs_data": {"data": projected_gap_to(data, target, pooled), "data_detail": projected_gap_to(data, target, pooled, True)}}
+    out = {"config": config, "rows": len(prompts), "runs": {}, "teacher_vs_data": gaps(target, {"data": data})}
     for run in runs:
         collapse = json.loads((run / "collapse.json").read_text())
         record = {}
@@ -94,8 +94,10 @@ def measure(runs: list[Path], config: str, rows: int, batch: int = 16, log=print
             points = []
             first = run / "collapse" / "exports" / f"{method}-{curve[0]['iterations']:05d}"
             start = load_export_bundle(first, device="cpu")
-            start.backbone = teacher.backbone  # the teacher's weights under the students' sampler
-            points.append({"iterations": 0, "generator_updates": 0, "fvd_domain": None, **signals(start)})
+            if repr(start.settings) not in starts:
+                start.backbone = teacher.backbone  # the teacher's weights under the students' sampler
+                starts[repr(start.settings)] = signals(start)
+            points.append({"iterations": 0, "generator_updates": 0, "fvd_domain": None, **starts[repr(start.settings)]})
             for p in curve:
                 bundle = load_export_bundle(run / "collapse" / "exports" / f"{method}-{p['iterations']:05d}", device="cpu")
                 points.append({k: p[k] for k in ("iterations", "generator_updates", "fvd_domain", "face_rate")}
